@@ -24,11 +24,10 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Iterator
 
 from taurl.errors import ModelError
 
@@ -278,7 +277,7 @@ def resolve_model(name: str | os.PathLike[str], prepare: bool = True) -> Path:
             from huggingface_hub import snapshot_download
 
             return Path(snapshot_download(s, local_files_only=True))
-        except Exception as e:  # noqa: BLE001 - any failure means "not cached locally"
+        except Exception as e:
             raise ModelError(
                 f"hub id {s!r} is not in the local Hugging Face cache and taurl downloads "
                 f"nothing at run time ({type(e).__name__}); download it beforehand or pass a "

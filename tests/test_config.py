@@ -1,0 +1,88 @@
+"""Typed configs: YAML + key=value overrides, unknown keys and wrong types."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+
+from taurl.config import dump_config, load_config, parse_overrides
+from taurl.errors import ConfigError
+
+
+@dataclass
+class Optim:
+    lr: float = 1e-6  # learning rate
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
+
+
+@dataclass
+class Demo:
+    name: str = "run"  # run name
+    iterations: int = 10  # training iterations
+    algo: Literal["grpo", "ppo"] = "grpo"  # preset
+    seed: int | None = None  # None = random
+    bf16: bool = True  # autocast
+    envs: list[str] = field(default_factory=lambda: ["taurl/Calculator-v0"])  # env ids
+    optim: Optim = field(default_factory=Optim)  # optimiser
+
+    def __post_init__(self) -> None:
+        if self.iterations < 1:
+            raise ConfigError(f"iterations must be >= 1, got {self.iterations}")
+
+
+def test_yaml_then_overrides(tmp_path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text("name: a\niterations: 3\noptim:\n  lr: 1e-5\n")
+    cfg = load_config(Demo, p, ["optim.lr=2e-5", "algo=ppo", "seed=4", "envs=[a, b]"])
+    assert cfg.name == "a" and cfg.iterations == 3 and cfg.algo == "ppo" and cfg.seed == 4
+    assert cfg.optim.lr == 2e-5 and cfg.optim.betas == (0.9, 0.999)
+    assert cfg.envs == ["a", "b"]
+
+
+def test_yaml_exponent_without_dot_is_a_float(tmp_path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text("optim:\n  lr: 1e-5\n")  # YAML 1.1 reads this as a string
+    assert load_config(Demo, p).optim.lr == 1e-5
+
+
+def test_round_trip_through_yaml(tmp_path) -> None:
+    cfg = load_config(Demo, None, ["optim.lr=3e-4", "seed=1"])
+    dump_config(cfg, tmp_path / "out.yaml")
+    assert load_config(Demo, tmp_path / "out.yaml") == cfg
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needles"),
+    [
+        (["iteratons=3"], ["unknown config key 'iteratons'", "did you mean 'iterations'"]),
+        (["optim.lrr=1"], ["unknown config key 'optim.lrr'", "did you mean 'lr'"]),
+        (["iterations=three"], ["iterations: expected int, got str 'three'"]),
+        (["iterations=2.5"], ["iterations: expected int, got float"]),
+        (["bf16=maybe"], ["bf16: expected bool"]),
+        (["algo=dqn"], ["algo: expected one of 'grpo' | 'ppo', got 'dqn'"]),
+        (["optim=3"], ["optim: expected a mapping for Optim"]),
+        (["optim.betas=[0.9]"], ["optim.betas"]),
+        (["iterations=0"], ["iterations must be >= 1, got 0"]),
+        (["noequals"], ["is not key=value"]),
+    ],
+)
+def test_errors_name_the_key_and_expected_type(overrides: list[str], needles: list[str]) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(Demo, None, overrides)
+    for needle in needles:
+        assert needle in str(e.value)
+
+
+def test_missing_and_non_mapping_files(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(Demo, tmp_path / "nope.yaml")
+    p = tmp_path / "list.yaml"
+    p.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping at top level"):
+        load_config(Demo, p)
+
+
+def test_parse_overrides_nests_dotted_keys() -> None:
+    assert parse_overrides(["a.b.c=1", "a.d=x"]) == {"a": {"b": {"c": 1}, "d": "x"}}
