@@ -1,1 +1,99 @@
-"""taurl.envs"""
+"""Gymnasium multi-turn text environments, their tools, and the env checker.
+
+Importing this package registers the built-in environments with Gymnasium (through
+entry-point strings, so no environment module is imported until it is made)::
+
+    import gymnasium, taurl.envs
+    env = gymnasium.make("taurl/Calculator-v0", split="heldout")
+
+=========================  =====================================  ======================
+id                         task                                   turn rewards
+=========================  =====================================  ======================
+``taurl/Calculator-v0``    arithmetic with a ``calculator`` tool  final answer
+``taurl/SQL-v0``           questions over a shipped SQLite DB     final answer
+``taurl/GuessNumber-v0``   guess the number, told higher/lower    every turn
+``taurl/Code-v0``          write code that passes tests           final answer
+``taurl/Web-v0``           find facts on a local web site         final answer
+=========================  =====================================  ======================
+
+The environment contract is in :mod:`taurl.envs.base`; tools and tool-call parsing in
+:mod:`taurl.envs.tools`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import gymnasium
+
+from taurl.envs.adapter import TextEnvAdapter
+from taurl.envs.base import (
+    SPLITS,
+    MessagesSpace,
+    Task,
+    TextEnv,
+    TextSpace,
+    ToolEnv,
+    Turn,
+    answer_tag,
+    last_number,
+    user,
+)
+from taurl.envs.checker import EpisodeResult, check_env, run_episode
+from taurl.envs.tools import (
+    TagToolCallParser,
+    Tool,
+    ToolCall,
+    ToolCallParser,
+    ToolResult,
+    call_tool,
+    format_tool_prompt,
+    validate_arguments,
+)
+
+__all__ = [
+    "SPLITS",
+    "EpisodeResult",
+    "MessagesSpace",
+    "TagToolCallParser",
+    "Task",
+    "TextEnv",
+    "TextEnvAdapter",
+    "TextSpace",
+    "Tool",
+    "ToolCall",
+    "ToolCallParser",
+    "ToolEnv",
+    "ToolResult",
+    "Turn",
+    "answer_tag",
+    "call_tool",
+    "check_env",
+    "format_tool_prompt",
+    "last_number",
+    "register_env",
+    "run_episode",
+    "user",
+    "validate_arguments",
+]
+
+
+def register_env(env_id: str, entry_point: str | Callable[..., gymnasium.Env], **kwargs: object) -> None:
+    """Register an environment with Gymnasium the way taurl's own are registered.
+
+    Gymnasium's order-enforcing wrapper is turned off because taurl environments
+    enforce reset/step order themselves and raise :class:`~taurl.errors.EnvError`;
+    ``kwargs`` become default constructor arguments (``gymnasium.make`` overrides them).
+    Registering an id again replaces the earlier entry.
+    """
+    if env_id in gymnasium.registry:
+        del gymnasium.registry[env_id]
+    gymnasium.register(id=env_id, entry_point=entry_point, order_enforce=False, kwargs=dict(kwargs))
+
+
+register_env("taurl/Calculator-v0", "taurl.envs.calculator:CalculatorEnv")
+register_env("taurl/SQL-v0", "taurl.envs.sql:SQLEnv")
+register_env("taurl/GuessNumber-v0", "taurl.envs.game:GuessNumberEnv")
+# Code-v0 and Web-v0 live in modules built on taurl.envs.base by the sandbox work.
+register_env("taurl/Code-v0", "taurl.envs.code:CodeEnv")
+register_env("taurl/Web-v0", "taurl.envs.web:WebEnv")
