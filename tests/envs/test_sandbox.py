@@ -1,0 +1,194 @@
+"""The code sandbox: results, limits, and the attacks it must contain (run for real)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from taurl.envs.sandbox import Sandbox, SandboxConfig, SandboxLimits
+
+# Tight limits keep the attacks cheap; each must still end within them.
+LIMITS = SandboxLimits(timeout_s=3.0, cpu_s=2, memory_mb=128, max_processes=8, max_file_mb=1)
+
+
+def _namespaces_available() -> bool:
+    if os.geteuid() != 0:
+        return False
+    try:
+        probe = ["unshare", "-n", "-m", "true"]
+        return subprocess.run(probe, check=False, capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.fixture(scope="module", params=["strongest", "guard"])
+def box(request: pytest.FixtureRequest) -> Iterator[Sandbox]:
+    with Sandbox(SandboxConfig(limits=LIMITS, isolation=request.param)) as sandbox:
+        yield sandbox
+
+
+def _alive(box: Sandbox) -> None:
+    result = box.run("print('alive')")
+    assert result.ok and result.stdout == "alive\n", result
+
+
+def test_isolation_reports_what_is_active(box: Sandbox) -> None:
+    if box.config.isolation == "guard":
+        assert box.isolation == "guard"
+    elif _namespaces_available():
+        assert box.isolation == "netns+mountns+uid"
+    else:
+        assert "guard" in box.isolation
+
+
+def test_runs_code_with_stdin_and_reports_exit_status(box: Sandbox) -> None:
+    result = box.run("import sys\nprint(sys.stdin.read().upper(), end='')", stdin="hello")
+    assert result.ok and result.stdout == "HELLO" and result.exit_code == 0 and not result.timed_out
+    failed = box.run("def f():\n    raise ValueError('boom')\nf()")
+    assert not failed.ok and failed.exit_code == 1 and failed.killed_reason is None
+    assert "ValueError: boom" in failed.stderr and 'File "<sandbox>", line 3' in failed.stderr
+    assert "_sandbox_worker" not in failed.stderr  # the traceback starts at the user's code
+    assert box.run("import sys; sys.exit(3)").exit_code == 3
+
+
+def test_each_run_gets_a_fresh_temp_dir_and_a_scrubbed_environment(box: Sandbox) -> None:
+    first = box.run("import os\nopen('note.txt', 'w').write('x')\nprint(os.getcwd())")
+    assert first.ok, first
+    second = box.run("import os\nprint(os.path.exists('note.txt'), os.getcwd())")
+    assert second.ok and second.stdout.split()[0] == "False"
+    assert second.stdout.split()[1] != first.stdout.strip()
+    os.environ["TAURL_SECRET_FOR_TEST"] = "leak"
+    try:
+        env = box.run("import os\nprint(sorted(os.environ))")
+    finally:
+        del os.environ["TAURL_SECRET_FOR_TEST"]
+    assert env.ok and "TAURL_SECRET_FOR_TEST" not in env.stdout
+    assert env.stdout.strip() == "['HOME', 'LANG', 'PATH', 'TMPDIR']"
+
+
+def test_output_is_cut_and_file_size_is_limited(box: Sandbox) -> None:
+    small = SandboxLimits(max_output_bytes=100)
+    result = box.run("print('x' * 10000)", limits=small)
+    assert result.ok and len(result.stdout) == 100 and result.output_truncated
+    big_file = box.run("open('big', 'wb').write(b'0' * (2 * 1024 * 1024))")
+    assert not big_file.ok and "File too large" in big_file.stderr
+
+
+def test_infinite_loop_is_killed_at_the_wall_clock_timeout(box: Sandbox) -> None:
+    start = time.monotonic()
+    result = box.run("import time\nwhile True:\n    time.sleep(0.01)")  # sleeps: no CPU limit hit
+    elapsed = time.monotonic() - start
+    assert not result.ok and result.timed_out and result.killed_reason == "timeout"
+    assert result.exit_code is None
+    assert LIMITS.timeout_s <= elapsed < LIMITS.timeout_s + 2
+    _alive(box)
+
+
+def test_busy_loop_hits_the_cpu_limit(box: Sandbox) -> None:
+    result = box.run("while True:\n    pass", limits=SandboxLimits(timeout_s=10, cpu_s=1))
+    assert not result.ok and not result.timed_out and result.killed_reason == "cpu_limit"
+    assert result.duration_s < 5
+    _alive(box)
+
+
+def test_memory_bomb_fails_within_the_memory_limit(box: Sandbox) -> None:
+    result = box.run("chunks = []\nwhile True:\n    chunks.append(bytearray(16 * 1024 * 1024))")
+    assert not result.ok and not result.timed_out
+    assert "MemoryError" in result.stderr
+    _alive(box)
+
+
+def test_fork_bomb_is_contained(box: Sandbox) -> None:
+    bomb = "import os\nwhile True:\n    os.fork()"
+    start = time.monotonic()
+    result = box.run(bomb)
+    assert not result.ok
+    assert time.monotonic() - start < LIMITS.timeout_s + 5
+    if "uid" in box.isolation:
+        # RLIMIT_NPROC stopped it: fork() failed with EAGAIN, well before the timeout.
+        assert (
+            "BlockingIOError" in result.stderr
+            or "Resource temporarily unavailable" in result.stderr
+        )
+        assert _processes_of_uid(box.config.uid_base) == []
+    else:
+        assert "PermissionError: sandbox: os.fork is disabled" in result.stderr
+    _alive(box)
+
+
+def test_leftover_processes_are_killed(box: Sandbox) -> None:
+    if "uid" not in box.isolation:
+        pytest.skip("process creation is refused outright by the guard")
+    # A child that leaves the process group and outlives its parent.
+    code = "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(60)\nprint('parent done')"
+    result = box.run(code)
+    assert result.ok and result.stdout == "parent done\n"
+    assert _processes_of_uid(box.config.uid_base) == []
+
+
+def test_writing_outside_the_temp_dir_fails(box: Sandbox) -> None:
+    target = Path(f"/tmp/taurl-escape-{uuid.uuid4().hex}")
+    repo_target = Path(__file__).with_name(f"escape-{uuid.uuid4().hex}")
+    for path in (target, repo_target):
+        result = box.run(f"open({str(path)!r}, 'w').write('escaped')")
+        assert not result.ok, result
+        assert "Error" in result.stderr  # PermissionError or OSError (read-only file system)
+        assert not path.exists()
+    _alive(box)
+
+
+def test_opening_a_socket_fails(box: Sandbox) -> None:
+    code = (
+        "import socket\n"
+        "s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)\n"
+        "s.settimeout(2)\n"
+        "s.connect(('1.1.1.1', 80))\n"
+    )
+    result = box.run(code)
+    assert not result.ok and not result.timed_out
+    assert (
+        "Network is unreachable" in result.stderr or "network access is disabled" in result.stderr
+    )
+    _alive(box)
+
+
+def test_concurrent_runs_from_threads(box: Sandbox) -> None:
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda i: box.run(f"print({i} * {i})"), range(20)))
+    assert [r.stdout for r in results] == [f"{i * i}\n" for i in range(20)]
+
+
+def test_a_dead_worker_is_replaced() -> None:
+    with Sandbox(SandboxConfig(workers=1, limits=LIMITS)) as sandbox:
+        sandbox._all[0].proc.kill()  # what an OOM kill of the worker would look like
+        broken = sandbox.run("print(1)")
+        assert not broken.ok and broken.killed_reason == "sandbox_error"
+        _alive(sandbox)
+
+
+def test_limits_are_validated() -> None:
+    with pytest.raises(ValueError, match="timeout_s must be > 0"):
+        SandboxLimits(timeout_s=0)
+    with pytest.raises(ValueError, match="memory_mb must be >= 64"):
+        SandboxLimits(memory_mb=8)
+    with pytest.raises(ValueError, match="isolation must be 'strongest' or 'guard'"):
+        SandboxConfig(isolation="none")  # type: ignore[arg-type]
+
+
+def _processes_of_uid(uid: int) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if entry.stat().st_uid == uid:
+                    pids.append(int(entry.name))
+            except FileNotFoundError:
+                continue
+    return pids
