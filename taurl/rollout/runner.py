@@ -1,0 +1,229 @@
+"""The rollout runner: N tasks × G samples, up to K episodes in flight, JSONL as they finish.
+
+Every episode is its own coroutine (:meth:`taurl.agents.loop.Agent.run_episode`);
+there is no lockstep across the batch: a semaphore holds K slots and a finished
+episode frees its slot at once, so the backend always has up to K requests to batch.
+Environments are made, reset and stepped in a thread pool, off the event loop.
+
+Reproducibility: task ``i`` of a run is reset with ``derive_seed(seed, env_id, split,
+task_offset + i)`` — the same for its G samples, which form one group — and sample
+``j`` samples with per-request seeds derived from ``(seed, env_id, split, task, j)``.
+
+A crash in an environment (or in making one) marks that episode ``"error"`` with the
+message in ``info["error"]`` and the run goes on; the summary counts them. An error of
+the backend itself ends the run (every episode would fail the same way).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO
+
+import gymnasium
+
+import taurl.envs  # noqa: F401 - registers the built-in environments with Gymnasium
+from taurl.agents.loop import Agent, AgentConfig, derive_seed
+from taurl.envs.base import SPLITS
+from taurl.types import TERMINATIONS, JSONValue, Trajectory
+
+
+@dataclass
+class RolloutConfig:
+    """Which episodes a rollout runs and how many at once."""
+
+    # Gymnasium id of the environment, e.g. "taurl/Calculator-v0"
+    env_id: str = "taurl/Calculator-v0"
+    # task split: "train" or "heldout"
+    split: str = "train"
+    # extra constructor arguments for gymnasium.make (difficulty knobs, max_turns, ...)
+    env_kwargs: dict[str, JSONValue] = field(default_factory=dict)
+    # N: distinct tasks (groups)
+    num_tasks: int = 8
+    # G: samples per task (a GRPO group)
+    samples_per_task: int = 4
+    # K: episodes in flight at once
+    max_in_flight: int = 32
+    # base seed of task and sampling seeds
+    seed: int = 0
+    # index of the first task (e.g. iteration * num_tasks, so each iteration sees new tasks)
+    task_offset: int = 0
+    # threads that make, reset and step environments
+    env_workers: int = 8
+    # show a progress bar with episodes/s and tokens/s
+    progress: bool = True
+    # the agent: turns, context, sampling
+    agent: AgentConfig = field(default_factory=AgentConfig)
+
+    def __post_init__(self) -> None:
+        if self.split not in SPLITS:
+            raise ValueError(f"RolloutConfig.split must be one of {SPLITS}, got {self.split!r}")
+        for name in ("num_tasks", "samples_per_task", "max_in_flight", "env_workers"):
+            value = getattr(self, name)
+            if value < 1:
+                raise ValueError(f"RolloutConfig.{name} must be >= 1, got {value}")
+        if self.task_offset < 0:
+            raise ValueError(f"RolloutConfig.task_offset must be >= 0, got {self.task_offset}")
+
+
+@dataclass
+class RolloutSummary:
+    """Counts and rates of one rollout."""
+
+    episodes: int  # trajectories produced
+    errors: int  # episodes that ended in "error"
+    terminations: dict[str, int]  # termination reason -> count
+    mean_return: float  # mean episode return
+    sampled_tokens: int  # tokens the policy generated
+    wall_s: float  # wall-clock seconds
+    episodes_per_s: float  # episodes / wall_s
+    tokens_per_s: float  # sampled_tokens / wall_s
+    env_s: float  # seconds spent in env calls, summed over episodes
+    generate_s: float  # seconds spent awaiting the backend, summed over episodes
+    policy_versions: list[int]  # distinct policy versions that sampled
+
+    def to_dict(self) -> dict[str, JSONValue]:
+        """JSON-ready."""
+        return asdict(self)
+
+
+@dataclass
+class RolloutResult:
+    """Trajectories ordered by (task, sample) — group members adjacent — and the summary."""
+
+    trajectories: list[Trajectory]
+    summary: RolloutSummary
+
+
+def task_seed(seed: int, env_id: str, split: str, task_index: int) -> int:
+    """The reset seed of task ``task_index`` (shared by every sample of its group)."""
+    return derive_seed(seed, env_id, split, "task", task_index)
+
+
+def group_id_of(env_id: str, split: str, task_index: int, seed: int) -> str:
+    """The group id of task ``task_index``: readable and unique within a run."""
+    return f"{env_id}:{split}:{task_index}:{seed}"
+
+
+def _error_trajectory(
+    env_id: str, group_id: str, seed: int, policy_version: int, message: str
+) -> Trajectory:
+    return Trajectory(
+        token_ids=[], loss_mask=[], logprobs=[], turn_ids=[], rewards=[], episode_return=0.0,
+        termination="error", env_id=env_id, seed=seed, group_id=group_id,
+        policy_version=policy_version, info={"error": message},
+    )
+
+
+def summarize_rollout(trajectories: list[Trajectory], wall_s: float) -> RolloutSummary:
+    """The :class:`RolloutSummary` of finished trajectories."""
+    terms = Counter(t.termination for t in trajectories)
+    sampled = sum(t.num_sampled_tokens for t in trajectories)
+    n = len(trajectories)
+    return RolloutSummary(
+        episodes=n,
+        errors=terms["error"],
+        terminations={k: terms[k] for k in TERMINATIONS if terms[k]},
+        mean_return=sum(t.episode_return for t in trajectories) / n if n else 0.0,
+        sampled_tokens=sampled,
+        wall_s=wall_s,
+        episodes_per_s=n / wall_s if wall_s > 0 else 0.0,
+        tokens_per_s=sampled / wall_s if wall_s > 0 else 0.0,
+        env_s=sum(t.timing.get("env_s", 0.0) for t in trajectories),
+        generate_s=sum(t.timing.get("generate_s", 0.0) for t in trajectories),
+        policy_versions=sorted({t.policy_version for t in trajectories}),
+    )
+
+
+async def run_rollout(
+    agent: Agent,
+    config: RolloutConfig,
+    *,
+    output: str | Path | None = None,
+    on_trajectory: Callable[[Trajectory], None] | None = None,
+) -> RolloutResult:
+    """Run ``num_tasks × samples_per_task`` episodes with up to ``max_in_flight`` at once.
+
+    Args:
+        agent: Plays each episode (its backend is shared by all of them).
+        config: Which env, split, tasks and how many in flight.
+        output: A JSONL file; each trajectory is appended (and flushed) as it finishes.
+        on_trajectory: Called with each trajectory as it finishes (e.g. a streaming learner).
+    """
+    slots = asyncio.Semaphore(config.max_in_flight)
+    executor = ThreadPoolExecutor(max_workers=config.env_workers, thread_name_prefix="taurl-env")
+    results: dict[tuple[int, int], Trajectory] = {}
+    sampled_tokens = 0
+    bar = None
+    if config.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            total=config.num_tasks * config.samples_per_task, unit="ep", desc=f"rollout {config.env_id}"
+        )
+    sink: IO[str] | None = open(output, "w", encoding="utf-8") if output is not None else None  # noqa: SIM115
+    t_start = time.perf_counter()
+
+    def make_env() -> gymnasium.Env:
+        return gymnasium.make(
+            config.env_id, split=config.split, disable_env_checker=True, **config.env_kwargs
+        )
+
+    async def one(i: int, j: int) -> None:
+        nonlocal sampled_tokens
+        task_index = config.task_offset + i
+        seed = task_seed(config.seed, config.env_id, config.split, task_index)
+        group_id = group_id_of(config.env_id, config.split, task_index, seed)
+        loop = asyncio.get_running_loop()
+        async with slots:
+            try:
+                env = await loop.run_in_executor(executor, make_env)
+            except Exception as exc:  # noqa: BLE001 - a broken env ends its episode, not the run
+                traj = _error_trajectory(
+                    config.env_id, group_id, seed, int(agent.backend.policy_version),
+                    f"gymnasium.make({config.env_id!r}) failed: {type(exc).__name__}: {exc}",
+                )
+            else:
+                try:
+                    traj = await agent.run_episode(
+                        env,
+                        seed=seed,
+                        sample_seed=derive_seed(config.seed, config.env_id, config.split, task_index, j),
+                        env_id=config.env_id,
+                        group_id=group_id,
+                        executor=executor,
+                    )
+                finally:
+                    await loop.run_in_executor(executor, env.close)
+        results[(i, j)] = traj
+        sampled_tokens += traj.num_sampled_tokens
+        if sink is not None:
+            sink.write(traj.to_json() + "\n")
+            sink.flush()
+        if on_trajectory is not None:
+            on_trajectory(traj)
+        if bar is not None:
+            elapsed = max(time.perf_counter() - t_start, 1e-9)
+            bar.set_postfix({"tok/s": f"{sampled_tokens / elapsed:.0f}"}, refresh=False)
+            bar.update(1)
+
+    try:
+        async with asyncio.TaskGroup() as tg:
+            for i in range(config.num_tasks):
+                for j in range(config.samples_per_task):
+                    tg.create_task(one(i, j))
+    finally:
+        executor.shutdown(wait=False, cancel_futures=True)
+        if sink is not None:
+            sink.close()
+        if bar is not None:
+            bar.close()
+    wall_s = time.perf_counter() - t_start
+    trajectories = [results[key] for key in sorted(results)]
+    return RolloutResult(trajectories=trajectories, summary=summarize_rollout(trajectories, wall_s))
+
