@@ -1,0 +1,84 @@
+"""The learner's configuration: which algorithm, and how to run its updates."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from taurl.errors import ConfigError
+from taurl.learners.options import AlgorithmOptions, resolve
+from taurl.learners.presets import get_preset
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters through peft (``pip install 'taurl[lora]'``)."""
+
+    rank: int = 0  # LoRA rank r; 0 trains every weight (full fine-tuning)
+    alpha: float = 32.0  # LoRA scaling α (the update is scaled by α / r)
+    dropout: float = 0.0  # dropout on the adapter's input
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                 "down_proj"]
+    )  # names of the Linear layers that get adapters
+
+    def __post_init__(self) -> None:
+        if self.rank < 0:
+            raise ConfigError(f"lora.rank must be >= 0 (0 = no LoRA), got {self.rank}")
+        if self.rank and self.alpha <= 0:
+            raise ConfigError(f"lora.alpha must be > 0, got {self.alpha}; 2 × rank is common")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if self.rank and not self.target_modules:
+            raise ConfigError("lora.target_modules is empty; name the Linear layers to adapt")
+
+
+@dataclass
+class LearnerConfig:
+    """How the learner turns batches of trajectories into optimizer steps."""
+
+    algorithm: str = "grpo"  # preset name: reinforce | ppo | ppo_turn | grpo | dr_grpo | dapo | grpo_opd
+    options: AlgorithmOptions = field(default_factory=AlgorithmOptions)  # overrides of the preset's options
+    lr: float = 1e-6  # AdamW learning rate of the policy
+    critic_lr: float = 1e-5  # AdamW learning rate of the value head / critic model
+    weight_decay: float = 0.0  # AdamW weight decay
+    adam_beta1: float = 0.9  # AdamW β1
+    adam_beta2: float = 0.999  # AdamW β2
+    max_grad_norm: float = 1.0  # clip the global gradient norm to this; 0 = no clipping
+    micro_batch_tokens: int = 8192  # padded tokens per forward/backward (gradient accumulation beyond)
+    logprob_chunk_tokens: int = 1024  # sampled tokens per chunk of the vocabulary log-softmax
+    dtype: Literal["auto", "bf16", "float32"] = "auto"  # auto: bf16 autocast on CUDA and on CPUs with native bf16, else float32
+    device: str = "auto"  # auto: cuda when a GPU is present, else cpu; or any torch device string
+    gradient_checkpointing: bool = False  # recompute activations in backward to save memory
+    lora: LoraConfig = field(default_factory=LoraConfig)  # LoRA adapters (rank 0 = off)
+    seed: int = 0  # seeds minibatch shuffling and the value head's initialisation
+
+    def __post_init__(self) -> None:
+        get_preset(self.algorithm)
+        for name in ("lr", "critic_lr"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"learner.{name} must be > 0, got {getattr(self, name)}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"learner.weight_decay must be >= 0, got {self.weight_decay}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"learner.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.max_grad_norm < 0:
+            raise ConfigError(
+                f"learner.max_grad_norm must be >= 0 (0 = no clipping), got {self.max_grad_norm}"
+            )
+        if self.micro_batch_tokens < 1:
+            raise ConfigError(
+                f"learner.micro_batch_tokens must be >= 1, got {self.micro_batch_tokens}; it "
+                "should hold at least your longest trajectory (e.g. 8192)"
+            )
+        if self.logprob_chunk_tokens < 1:
+            raise ConfigError(
+                f"learner.logprob_chunk_tokens must be >= 1, got {self.logprob_chunk_tokens}"
+            )
+        self.resolved_options()
+
+    def resolved_options(self) -> AlgorithmOptions:
+        """The preset's options with this config's overrides applied (every field set)."""
+        preset = get_preset(self.algorithm)
+        return resolve(preset.options, self.options, self.algorithm)

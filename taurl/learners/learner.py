@@ -1,0 +1,414 @@
+"""The update step: trajectories in, one or more optimizer steps out, metrics back.
+
+::
+
+    learner = Learner(LearnerConfig(algorithm="grpo"), model_folder)
+    metrics = learner.update(trajectories)        # {"traj/clip_frac": ..., "reward/mean": ...}
+    backend.update_weights(learner.state_dict_for_sync(), learner.policy_version)
+
+One update: (1) if needed, score every trajectory once without gradient — the
+learner's own log-probs under the current weights, the critic's values, the
+reference policy and the teacher; (2) turn rewards into per-token advantages (the
+reward side, :mod:`taurl.learners.advantages`); (3) run ``epochs`` passes of
+``minibatches`` optimizer steps, each accumulating gradients over micro-batches
+packed by a token budget, with the policy loss (the trajectory side,
+:mod:`taurl.learners.losses`) normalised by the whole minibatch.
+
+When the algorithm takes a single step per batch and nothing else needs it, step
+(1) is skipped: the ratio's denominator is the training forward's own log-prob,
+detached, which is the same number (θ_old = θ before the only step).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from taurl.learners import advantages as A
+from taurl.learners import losses as L
+from taurl.learners.batch import (
+    TEACHER_LOGPROBS_KEY,
+    Batch,
+    build_batch,
+    global_denominators,
+    group_ids,
+    info_tensor,
+    pack_micro_batches,
+    split_minibatches,
+)
+from taurl.learners.config import LearnerConfig
+from taurl.learners.model import (
+    ValueModel,
+    adapter_disabled,
+    add_lora,
+    autocast,
+    export_state_dict,
+    load_causal_lm,
+    new_value_head,
+    pick_autocast_dtype,
+    pick_device,
+    policy_forward,
+)
+from taurl.learners.teacher import (
+    align_to_student,
+    check_same_tokenizer,
+    load_tokenizer,
+    privileged_contexts,
+    privileged_prefix,
+    teacher_rows,
+)
+from taurl.types import Trajectory
+
+_STATE_FILE = "learner_state.json"
+
+
+@dataclasses.dataclass
+class _Scores:
+    """What the no-gradient scoring pass produced, each float32 [B, T] or None."""
+
+    old_logp: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    ref_logp: torch.Tensor | None = None
+    teacher_logp: torch.Tensor | None = None
+
+
+class Learner:
+    """Updates a causal LM policy from Trajectories with one algorithm preset."""
+
+    def __init__(self, config: LearnerConfig, model_path: str | Path) -> None:
+        self.config = config
+        self.options = o = config.resolved_options()
+        self.model_path = str(model_path)
+        self.device = pick_device(config.device)
+        self.amp_dtype = pick_autocast_dtype(config.dtype, self.device)
+        self.policy_version = 0  # optimizer steps taken: the version the weights sync as
+        self._shuffle = torch.Generator().manual_seed(config.seed)
+        self.estimator = A.get_estimator(o.advantage)
+        self.policy_loss = L.get_policy_loss(o.policy_loss)
+        self.adv_params = A.AdvantageParams(
+            gamma=o.gamma, lam=o.lam, gamma_turn=o.gamma_turn, credit=o.credit,
+            scale=o.group_scale,
+        )
+        self.loss_params = L.PolicyLossParams(o.eps_low, o.eps_high, o.dual_clip or None)
+
+        self.model = load_causal_lm(self.model_path, self.device)
+        hidden_size = self.model.config.hidden_size
+        needs_base = o.kl_coef > 0 or o.teacher == "privileged"
+        # With LoRA the reference is the same model with its adapters off: no copy.
+        self.ref_model: nn.Module | None = None
+        if needs_base and not config.lora.rank:
+            self.ref_model = copy.deepcopy(self.model).requires_grad_(False).eval()
+        if config.lora.rank:
+            self.model = add_lora(self.model, config.lora)
+        if config.gradient_checkpointing:
+            base = self.model.get_base_model() if config.lora.rank else self.model
+            base.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        self.value_head = new_value_head(hidden_size, self.device) if o.critic == "head" else None
+        self.critic = (
+            ValueModel(o.critic_path or self.model_path, self.device) if o.critic == "model" else None
+        )
+        self.teacher_model: nn.Module | None = None
+        self.tokenizer = None
+        if o.teacher == "model":
+            check_same_tokenizer(load_tokenizer(self.model_path), load_tokenizer(o.teacher_path),
+                                 self.model_path, o.teacher_path)
+            self.teacher_model = load_causal_lm(o.teacher_path, self.device)
+            self.teacher_model.requires_grad_(False).eval()
+        if o.teacher == "privileged":
+            self.tokenizer = load_tokenizer(self.model_path)
+
+        self._modules = nn.ModuleDict({"policy": self.model})
+        if self.value_head is not None:
+            self._modules["value_head"] = self.value_head
+        if self.critic is not None:
+            self._modules["critic"] = self.critic
+        critic_params = [p for k, m in self._modules.items() if k != "policy"
+                         for p in m.parameters()]
+        groups = [{"params": [p for p in self.model.parameters() if p.requires_grad],
+                   "lr": config.lr}]
+        if critic_params:
+            groups.append({"params": critic_params, "lr": config.critic_lr})
+        self.optimizer = torch.optim.AdamW(
+            groups, betas=(config.adam_beta1, config.adam_beta2),
+            weight_decay=config.weight_decay,
+        )
+
+    # -- public API ---------------------------------------------------------------------
+
+    def update(self, trajectories: list[Trajectory]) -> dict[str, float]:
+        """Learn from one batch of trajectories; return metrics.
+
+        Keys: ``reward/...`` and ``adv/...`` for the reward side, ``traj/...`` for the
+        trajectory side, ``perf/...`` for throughput. ``policy_version`` grows by the
+        number of optimizer steps taken (0 when every group was filtered out).
+        """
+        start = time.perf_counter()
+        o = self.options
+        trajs = list(trajectories)
+        metrics = self._reward_metrics(trajs)
+        if o.filter_zero_var_groups and trajs:
+            returns = torch.tensor([t.episode_return for t in trajs], dtype=torch.float64)
+            groups = torch.tensor(group_ids(trajs))
+            keep = ~A.zero_variance_groups(returns, groups)
+            trajs = [t for t, k in zip(trajs, keep.tolist(), strict=True) if k]
+            metrics["reward/filtered_frac"] = 1.0 - len(trajs) / max(len(trajectories), 1)
+        if not trajs:
+            metrics["perf/optimizer_steps"] = 0.0
+            return metrics
+        batch = build_batch(trajs, self.device)
+        steps = o.epochs * min(o.minibatches, batch.size)
+        scores = self._score(batch, trajs, need_old=steps > 1 or o.teacher != "none" or (
+            o.kl_coef > 0 and o.kl_in == "reward"))
+        adv, returns, value_mask, reward_side = self._advantages(batch, scores)
+        metrics.update(reward_side)
+
+        sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
+        weights: dict[str, float] = defaultdict(float)
+        lengths = batch.lengths_B.tolist()
+        for _ in range(o.epochs):
+            order = torch.randperm(batch.size, generator=self._shuffle).tolist()
+            for rows in split_minibatches(order, o.minibatches):
+                self._step(batch, rows, lengths, adv, returns, value_mask, scores, sums, weights)
+        for k, v in sums.items():
+            metrics[k] = (v.item() if k.endswith("_max") else v.item() / max(weights[k], 1e-12))
+        elapsed = time.perf_counter() - start
+        tokens = int(batch.lengths_B.sum().item())
+        metrics.update({
+            "perf/update_s": elapsed,
+            "perf/tokens": float(tokens),
+            "perf/tokens_per_s": tokens * o.epochs / elapsed,
+            "perf/optimizer_steps": float(steps),
+        })
+        return metrics
+
+    def state_dict_for_sync(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The policy's weights under Hugging Face names (LoRA merged), for the inference engine.
+
+        ``dtype`` converts them (e.g. ``torch.bfloat16`` for a bf16 engine); tied
+        weights appear once.
+        """
+        return export_state_dict(self.model, dtype)
+
+    def save(self, directory: str | Path) -> None:
+        """Write a checkpoint: weights (safetensors), optimizer, RNG states and step."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        save_model(self._modules, str(d / "model.safetensors"))
+        torch.save(self.optimizer.state_dict(), d / "optimizer.pt")
+        rng = {"torch": torch.get_rng_state(), "shuffle": self._shuffle.get_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(rng, d / "rng.pt")
+        state = {"policy_version": self.policy_version, "algorithm": self.config.algorithm,
+                 "options": dataclasses.asdict(self.options)}
+        (d / _STATE_FILE).write_text(json.dumps(state, indent=1))
+
+    def load(self, directory: str | Path) -> None:
+        """Restore a checkpoint written by :meth:`save` with the same config."""
+        d = Path(directory)
+        if not (d / _STATE_FILE).is_file():
+            raise FileNotFoundError(f"{d} holds no {_STATE_FILE}; is it a Learner.save() folder?")
+        state = json.loads((d / _STATE_FILE).read_text())
+        load_model(self._modules, str(d / "model.safetensors"), device=str(self.device))
+        self.optimizer.load_state_dict(
+            torch.load(d / "optimizer.pt", map_location=self.device, weights_only=True)
+        )
+        rng = torch.load(d / "rng.pt", weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        self._shuffle.set_state(rng["shuffle"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.policy_version = int(state["policy_version"])
+
+    # -- reward side --------------------------------------------------------------------
+
+    @staticmethod
+    def _reward_metrics(trajs: list[Trajectory]) -> dict[str, float]:
+        if not trajs:
+            return {"reward/mean": 0.0, "reward/std": 0.0, "reward/zero_var_groups": 0.0}
+        returns = torch.tensor([t.episode_return for t in trajs], dtype=torch.float64)
+        groups = torch.tensor(group_ids(trajs))
+        zero_var = A.zero_variance_groups(returns, groups)
+        sizes = torch.bincount(groups)
+        multi = (sizes > 1).sum().item()
+        zero_var_groups = len(set(groups[zero_var].tolist()))
+        return {
+            "reward/mean": returns.mean().item(),
+            "reward/std": returns.std().item() if len(trajs) > 1 else 0.0,
+            "reward/zero_var_groups": zero_var_groups / multi if multi else 0.0,
+        }
+
+    def _advantages(self, batch: Batch, scores: _Scores):  # noqa: ANN202
+        """``(advantages_B_T, returns_B_T | None, value_mask_B_T | None, metrics)``."""
+        o = self.options
+        mask, turns = batch.mask_B_T, batch.turn_ids_B_T
+        H = batch.turn_rewards_B_H.shape[1]
+        turn_rewards = batch.turn_rewards_B_H
+        token_rewards = A.broadcast_turns(turn_rewards, turns, A.turn_end_mask(turns, mask))
+        metrics: dict[str, float] = {}
+        if o.kl_coef > 0 and o.kl_in == "reward":
+            kl = L.kl_penalty(scores.old_logp, scores.ref_logp, mask, o.kl_estimator)
+            token_rewards = token_rewards - o.kl_coef * kl
+            turn_rewards = turn_rewards - o.kl_coef * A.turn_sums(kl, turns, mask, H)
+            metrics["reward/kl_ref"] = L.masked_mean(kl, mask).item()
+        inputs = A.AdvantageInputs(
+            mask_B_T=mask, turn_ids_B_T=turns, token_rewards_B_T=token_rewards,
+            turn_rewards_B_H=turn_rewards, turn_valid_B_H=batch.turn_valid_B_H,
+            group_ids_B=batch.group_ids_B, values_B_T=scores.values,
+        )
+        out = self.estimator(inputs, self.adv_params)
+        adv = out.advantages_B_T
+        if o.step_group_weight > 0:
+            step_returns = A.turn_returns(turn_rewards, batch.turn_valid_B_H, o.gamma_turn)
+            step_adv = A.step_group_advantages(step_returns, batch.anchor_ids_B_H, o.group_scale)
+            adv = adv + o.step_group_weight * A.broadcast_turns(step_adv, turns, mask)
+        if o.teacher != "none":
+            opd_adv = A.opd(scores.old_logp, scores.teacher_logp, mask, o.teacher_coef,
+                            o.teacher_clip or None)
+            adv = A.grpo_opd(adv, opd_adv, o.advantage_coef)
+            metrics["reward/teacher_gap"] = L.masked_mean(
+                scores.teacher_logp - scores.old_logp, mask).item()
+        metrics.update(A.advantage_metrics(adv, mask, turns))
+        return adv, out.returns_B_T, out.value_mask_B_T, metrics
+
+    # -- scoring (no gradient) ----------------------------------------------------------
+
+    @torch.no_grad()
+    def _score(self, batch: Batch, trajs: list[Trajectory], need_old: bool) -> _Scores:
+        o, cfg = self.options, self.config
+        need_ref = o.kl_coef > 0
+        B, T = batch.input_ids_B_T.shape
+        s = _Scores()
+        if not (need_old or need_ref or o.critic != "none" or o.teacher != "none"):
+            return s
+        zeros = lambda: torch.zeros(B, T, device=self.device)  # noqa: E731
+        s.old_logp = zeros() if need_old or o.critic != "none" else None
+        s.values = zeros() if o.critic != "none" else None
+        s.ref_logp = zeros() if need_ref else None
+        if o.teacher == "precomputed":
+            s.teacher_logp = info_tensor(trajs, TEACHER_LOGPROBS_KEY, T, self.device)
+        elif o.teacher != "none":
+            s.teacher_logp = zeros()
+        self._modules.eval()
+        all_rows = list(range(B))
+        for micro in pack_micro_batches(all_rows, batch.lengths_B.tolist(), cfg.micro_batch_tokens):
+            idx, W = batch.rows(micro), batch.width(micro)
+            ids, mask = batch.input_ids_B_T[idx, :W], batch.mask_B_T[idx, :W]
+            with autocast(self.device, self.amp_dtype):
+                if s.old_logp is not None:
+                    out = policy_forward(self.model, ids, mask, cfg.logprob_chunk_tokens,
+                                         self.value_head)
+                    s.old_logp[idx, :W] = out.logp_B_T
+                    if out.values_B_T is not None:
+                        s.values[idx, :W] = out.values_B_T
+                if self.critic is not None:
+                    s.values[idx, :W] = self.critic(ids)
+                if s.ref_logp is not None:
+                    with adapter_disabled(self.model):
+                        ref = self.ref_model or self.model
+                        s.ref_logp[idx, :W] = policy_forward(
+                            ref, ids, mask, cfg.logprob_chunk_tokens).logp_B_T
+                if self.teacher_model is not None:
+                    s.teacher_logp[idx, :W] = policy_forward(
+                        self.teacher_model, ids, mask, cfg.logprob_chunk_tokens).logp_B_T
+        if o.teacher == "privileged":
+            s.teacher_logp = self._privileged_logprobs(batch, trajs)
+        return s
+
+    def _privileged_logprobs(self, batch: Batch, trajs: list[Trajectory]) -> torch.Tensor:
+        """float32 [B, T]: the frozen base model's log-probs with each trajectory's context."""
+        prefixes = [privileged_prefix(self.tokenizer, c) for c in privileged_contexts(trajs)]
+        rows, offsets = teacher_rows(batch.token_ids, prefixes)
+        widths = [len(r) for r in rows]
+        L_max = max(widths)
+        ids = torch.zeros(len(rows), L_max, dtype=torch.long, device=self.device)
+        mask = torch.zeros(len(rows), L_max, device=self.device)
+        for b, (row, off) in enumerate(zip(rows, offsets, strict=True)):
+            ids[b, : len(row)] = torch.tensor(row, device=self.device)
+            n = int(batch.lengths_B[b])
+            mask[b, off : off + n] = batch.mask_B_T[b, :n]
+        out = torch.zeros(len(rows), L_max, device=self.device)
+        base = self.ref_model or self.model
+        for micro in pack_micro_batches(list(range(len(rows))), widths,
+                                        self.config.micro_batch_tokens):
+            idx = torch.tensor(micro, device=self.device)
+            W = max(widths[i] for i in micro)
+            with autocast(self.device, self.amp_dtype), adapter_disabled(self.model):
+                out[idx, :W] = policy_forward(base, ids[idx, :W], mask[idx, :W],
+                                              self.config.logprob_chunk_tokens).logp_B_T
+        return align_to_student(out, offsets, batch.input_ids_B_T.shape[1])
+
+    # -- trajectory side: one optimizer step --------------------------------------------
+
+    def _step(self, batch: Batch, rows: list[int], lengths: list[int], adv: torch.Tensor,
+              returns: torch.Tensor | None, value_mask: torch.Tensor | None, scores: _Scores,
+              sums: dict[str, torch.Tensor], weights: dict[str, float]) -> None:
+        """Accumulate the minibatch ``rows`` over micro-batches, clip, and take one AdamW step."""
+        cfg = self.config
+        self._modules.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._backward_minibatch(batch, rows, lengths, adv, returns, value_mask, scores, sums,
+                                 weights)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        grad_norm = nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+        self.optimizer.step()
+        self.policy_version += 1
+        sums["traj/grad_norm"] += grad_norm.detach().float()
+        weights["traj/grad_norm"] += 1.0
+
+    def _backward_minibatch(self, batch: Batch, rows: list[int], lengths: list[int],
+                            adv: torch.Tensor, returns: torch.Tensor | None,
+                            value_mask: torch.Tensor | None, scores: _Scores,
+                            sums: dict[str, torch.Tensor], weights: dict[str, float]) -> None:
+        """Backward the minibatch's loss, micro-batch by micro-batch, normalised globally."""
+        o, cfg = self.options, self.config
+        num_tokens, num_seqs, norm_len = global_denominators(batch, rows, o.loss_norm_len)
+        num_value = 0
+        if value_mask is not None:
+            num_value = int(value_mask[batch.rows(rows)].sum().item())
+        for micro in pack_micro_batches(rows, lengths, cfg.micro_batch_tokens):
+            idx, W = batch.rows(micro), batch.width(micro)
+            ids, mask = batch.input_ids_B_T[idx, :W], batch.mask_B_T[idx, :W]
+            with autocast(self.device, self.amp_dtype):
+                out = policy_forward(self.model, ids, mask, cfg.logprob_chunk_tokens,
+                                     self.value_head, entropy_grad=o.entropy_coef > 0)
+                values = self.critic(ids) if self.critic is not None else out.values_B_T
+            logp = out.logp_B_T
+            old = scores.old_logp[idx, :W] if scores.old_logp is not None else logp.detach()
+            w, m = L.tis_weights(old, batch.sampler_logp_B_T[idx, :W], mask, o.tis_cap or None)
+            pg, pg_m = self.policy_loss(logp, old, adv[idx, :W], mask, self.loss_params)
+            m.update(pg_m)
+            per_token = pg * w
+            if o.kl_coef > 0 and o.kl_in == "loss":
+                kl = L.kl_penalty(logp, scores.ref_logp[idx, :W], mask, o.kl_estimator)
+                per_token = per_token + o.kl_coef * kl
+                m["traj/kl_ref"] = L.masked_mean(kl.detach(), mask)
+            if o.entropy_coef > 0:
+                per_token = per_token - o.entropy_coef * out.entropy_B_T
+            loss = L.aggregate(per_token, mask, o.loss_agg, num_tokens, num_seqs, norm_len)
+            m["traj/policy_loss"] = loss.detach() * num_tokens / max(mask.sum().item(), 1)
+            if values is not None and returns is not None and value_mask is not None:
+                vmask = value_mask[idx, :W]
+                vl, vm = L.value_loss(values, scores.values[idx, :W], returns[idx, :W], vmask,
+                                      o.value_clip or None)
+                loss = loss + o.vf_coef * L.aggregate(vl, vmask, "token-mean", num_value, 1, 1)
+                m.update(vm)
+            loss.backward()
+            m["traj/entropy"] = L.masked_mean(out.entropy_B_T.detach(), mask)
+            n = float(mask.sum().item())
+            for k, v in m.items():
+                if k.endswith("_max"):
+                    sums[k] = torch.maximum(sums[k], v.detach().float())
+                else:
+                    sums[k] += v.detach().float() * n
+                    weights[k] += n
