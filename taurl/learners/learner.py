@@ -140,7 +140,7 @@ class Learner:
             groups.append({"params": critic_params, "lr": config.critic_lr})
         self.optimizer = torch.optim.AdamW(
             groups, betas=(config.adam_beta1, config.adam_beta2),
-            weight_decay=config.weight_decay,
+            weight_decay=config.weight_decay, fused=True,
         )
 
     # -- public API ---------------------------------------------------------------------

@@ -44,12 +44,14 @@ def toy_trajectories(
     turns: int = 2,
     seed: int = 0,
     rewards: list[list[float]] | None = None,
+    action_len: int | None = None,
 ) -> list[Trajectory]:
     """``groups × per_group`` multi-turn trajectories with random tokens and real logprobs.
 
     Layout per trajectory: a 6-token prompt, then per turn 3-7 sampled tokens followed
     by a 3-token observation (except after the last turn). ``rewards[i]`` gives the
-    per-turn rewards of trajectory i (default: random 0/1 on the last turn).
+    per-turn rewards of trajectory i (default: random 0/1 on the last turn);
+    ``action_len`` fixes the number of sampled tokens per turn (equal-length rows).
     """
     rng = random.Random(seed)
     layouts = []
@@ -58,7 +60,7 @@ def toy_trajectories(
         for i in range(per_group):
             ids, mask, turn_ids = list(prompt), [0] * 6, [-1] * 6
             for h in range(turns):
-                n = rng.randrange(3, 8)
+                n = action_len or rng.randrange(3, 8)
                 ids += [rng.randrange(100, 1000) for _ in range(n)]
                 mask += [1] * n
                 turn_ids += [h] * n
