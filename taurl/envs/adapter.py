@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import SupportsFloat
+from typing import ClassVar, SupportsFloat
 
 import gymnasium
 
-from taurl.envs.base import SPLITS, Info, MessagesSpace, TextSpace, user
+from taurl.envs.base import SPLITS, Info, MessagesSpace, TextSpace
 from taurl.errors import ConfigError, EnvError
 from taurl.types import JSONValue, Message
 
@@ -35,7 +35,7 @@ class TextEnvAdapter(gymnasium.Env[list, str]):
         env_name: Used in ``task_id`` (``"<env_name>/seed=<seed>"``); defaults to the spec id or class name.
     """
 
-    metadata = {"render_modes": []}
+    metadata: ClassVar[dict[str, JSONValue]] = {"render_modes": []}
 
     def __init__(
         self,

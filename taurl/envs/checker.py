@@ -273,7 +273,7 @@ def run_episode(env: gymnasium.Env, policy: Policy, seed: int | None = None, max
                 success = info["success"]
             if terminated or truncated:
                 break
-    except Exception as e:  # reported on this episode so concurrent episodes carry on
+    except Exception as e:  # noqa: BLE001  reported on this episode so concurrent episodes carry on
         return EpisodeResult(task_id, messages, rewards, terminated, truncated, success,
                              len(rewards), time.perf_counter() - start, f"{type(e).__name__}: {e}", infos)
     return EpisodeResult(task_id, messages, rewards, terminated, truncated, success,

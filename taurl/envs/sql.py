@@ -45,8 +45,8 @@ _HELDOUT_FAMILIES: dict[str, tuple[str, str]] = {
     "headcount": ("How many employees work in the {x} department?",
                   "SELECT COUNT(*) FROM employees WHERE department = ?"),
     "ordered": ("What is the total quantity of '{x}' ordered over all orders?",
-                "SELECT COALESCE(SUM(o.quantity), 0) FROM orders o JOIN products p ON p.id = o.product_id "
-                "WHERE p.name = ?"),
+                ("SELECT COALESCE(SUM(o.quantity), 0) FROM orders o JOIN products p ON p.id = o.product_id "
+                 "WHERE p.name = ?")),
     "top_earner": ("Who is the best-paid employee based in {x}?",
                    "SELECT name FROM employees WHERE city = ? ORDER BY salary DESC LIMIT 1"),
 }

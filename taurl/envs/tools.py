@@ -50,7 +50,6 @@ import json
 import re
 import threading
 import types
-import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, Union, get_args, get_origin, get_type_hints
@@ -422,7 +421,7 @@ def call_tool(
         value = tool.fn(**call.arguments) if limit is None else _run_with_timeout(tool, call, limit)
     except _ToolTimeout:
         return ToolResult(tool.name, f"Error: tool {tool.name!r} did not finish within {limit:g} s", True)
-    except Exception as e:  # a tool's failure is the model's observation, not the env's crash
+    except Exception as e:  # noqa: BLE001  a tool's failure is the model's observation, not the env's crash
         return ToolResult(tool.name, f"Error: tool {tool.name!r} raised {type(e).__name__}: {e}", True)
     text = _stringify(value)
     if len(text) > max_output_chars:
@@ -441,7 +440,7 @@ def _run_with_timeout(tool: Tool, call: ToolCall, limit: float) -> object:
     def target() -> None:
         try:
             box["value"] = tool.fn(**call.arguments)
-        except BaseException as e:  # handed to the caller's thread below
+        except BaseException as e:  # noqa: BLE001  handed to the caller's thread below
             box["error"] = e
 
     thread = threading.Thread(target=target, name=f"taurl-tool-{tool.name}", daemon=True)

@@ -7,8 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import gymnasium
 
 import taurl.envs  # noqa: F401  (registers the ids)
-from taurl.envs import Task, run_episode
-from taurl.envs import calculator, game, sql
+from taurl.envs import Task, calculator, game, run_episode, sql
 from taurl.envs.calculator import CalculatorEnv
 
 POLICIES = {

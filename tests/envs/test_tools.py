@@ -69,7 +69,7 @@ def test_bound_method_and_overrides() -> None:
 
 
 def test_schema_errors_are_readable() -> None:
-    def untyped(x):  # noqa: ANN001, ANN202
+    def untyped(x):
         return x
 
     def star(*args: int) -> int:
