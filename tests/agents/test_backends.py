@@ -1,0 +1,147 @@
+"""The inference backends against the contract, on the tiny model, with real engines."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import dataclasses
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from taurl.agents.backend import ContextLengthError, make_backend
+from taurl.agents.vllm_backend import VLLMBackend
+from taurl.errors import BackendError
+from taurl.types import Generation, SamplingParams
+
+PROMPTS = [[1, 9690, 198, 2683, 314, 253, 1234 + i, 30, 2, 198] for i in range(6)]
+
+
+def hf_logprobs(model: torch.nn.Module, prompt: list[int], completion: list[int]) -> list[float]:
+    """transformers' float32 log-prob of each completion token given everything before it."""
+    ids = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        logp = model(input_ids=ids).logits.float().log_softmax(-1)[0]
+    # position p predicts token p+1; completion tokens sit at len(prompt) .. end
+    rows = logp[len(prompt) - 1 : -1]
+    return rows.gather(-1, torch.tensor(completion)[:, None]).squeeze(-1).tolist()
+
+
+@pytest.fixture(scope="module")
+def hf_tiny(tiny_model_path: Path) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).eval()
+
+
+def gather(backend: VLLMBackend, prompts: list[list[int]], sp: SamplingParams) -> list[Generation]:
+    async def run() -> list[Generation]:
+        return await asyncio.gather(
+            *(backend.generate(p, sp, session_id=f"ep{i}") for i, p in enumerate(prompts))
+        )
+
+    return asyncio.run(run())
+
+
+@pytest.mark.vllm
+def test_vllm_many_requests_in_flight_match_transformers_logprobs(
+    vllm_tiny: VLLMBackend, hf_tiny: torch.nn.Module
+) -> None:
+    gens = gather(vllm_tiny, PROMPTS, SamplingParams(max_tokens=12, temperature=1.0, seed=3))
+    assert len(gens) == len(PROMPTS)
+    worst = 0.0
+    for prompt, gen in zip(PROMPTS, gens, strict=True):
+        assert 1 <= len(gen.token_ids) <= 12
+        assert gen.finish_reason == ("length" if len(gen.token_ids) == 12 else "stop")
+        assert all(lp <= 0 for lp in gen.logprobs)
+        ref = hf_logprobs(hf_tiny, prompt, gen.token_ids)
+        worst = max(worst, max(abs(a - b) for a, b in zip(gen.logprobs, ref, strict=True)))
+    assert worst < 1e-3, f"vLLM vs transformers logprob max diff {worst}"
+    # a random model samples different continuations for different prompts
+    assert len({tuple(g.token_ids) for g in gens}) > 1
+
+
+@pytest.mark.vllm
+def test_vllm_seeded_and_greedy_sampling_are_reproducible(
+    vllm_tiny: VLLMBackend, hf_tiny: torch.nn.Module
+) -> None:
+    sp = SamplingParams(max_tokens=10, temperature=1.0, seed=7)
+    a = gather(vllm_tiny, PROMPTS[:2], sp)
+    b = gather(vllm_tiny, PROMPTS[:2], sp)
+    assert [g.token_ids for g in a] == [g.token_ids for g in b]
+    greedy = gather(vllm_tiny, PROMPTS[:1], SamplingParams(max_tokens=10, temperature=0.0))[0]
+    with torch.no_grad():
+        ref = hf_tiny.generate(
+            torch.tensor([PROMPTS[0]]), max_new_tokens=10, do_sample=False,
+            eos_token_id=None,
+        )[0, len(PROMPTS[0]) :].tolist()
+    n = len(greedy.token_ids)
+    assert greedy.token_ids == ref[:n]
+
+
+@pytest.mark.vllm
+def test_vllm_stop_string_ends_the_turn_and_keeps_its_tokens(
+    vllm_tiny: VLLMBackend, tiny_model_path: Path
+) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_path)
+    sp = SamplingParams(max_tokens=16, temperature=1.0, seed=1)
+    full = gather(vllm_tiny, PROMPTS[:1], sp)[0]
+    assert len(full.token_ids) == 16
+    pieces = [tok.decode(full.token_ids[: i + 1]) for i in range(16)]
+    # a stop string spelled by the 6th sampled token (the first whose text contains it)
+    stop = tok.decode(full.token_ids[5:6]).strip()
+    assert stop
+    k = next(i for i, text in enumerate(pieces) if stop in text)
+    gen = gather(vllm_tiny, PROMPTS[:1], dataclasses.replace(sp, stop=(stop,)))[0]
+    assert gen.finish_reason == "stop"
+    assert gen.token_ids == full.token_ids[: k + 1]
+    assert len(gen.logprobs) == k + 1
+
+
+@pytest.mark.vllm
+def test_vllm_context_limits(vllm_tiny: VLLMBackend) -> None:
+    long_prompt = [5] * (vllm_tiny.max_model_len - 3)
+    gen = asyncio.run(vllm_tiny.generate(long_prompt, SamplingParams(max_tokens=50, temperature=0)))
+    assert len(gen.token_ids) <= 3
+    assert gen.finish_reason == "length" or len(gen.token_ids) < 3
+    with pytest.raises(ContextLengthError, match="max_model_len"):
+        asyncio.run(vllm_tiny.generate([5] * vllm_tiny.max_model_len, SamplingParams()))
+    with pytest.raises(BackendError, match="empty prompt"):
+        asyncio.run(vllm_tiny.generate([], SamplingParams()))
+
+
+@pytest.mark.vllm
+def test_vllm_update_weights_changes_the_policy(
+    vllm_tiny_mutable: VLLMBackend, hf_tiny: torch.nn.Module
+) -> None:
+    vllm_tiny = vllm_tiny_mutable
+    sp = SamplingParams(max_tokens=8, temperature=0.0)
+    before = gather(vllm_tiny, PROMPTS[:3], sp)
+    leftovers = set(Path(tempfile.gettempdir()).glob("taurl-weights-*"))
+    gen = torch.Generator().manual_seed(1)
+    new_model = copy.deepcopy(hf_tiny)
+    with torch.no_grad():
+        for p in new_model.parameters():  # tied embeddings are one parameter here
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    new_state = new_model.state_dict()
+    asyncio.run(vllm_tiny.update_weights(new_state, version=5))
+    assert vllm_tiny.policy_version == 5
+    assert set(Path(tempfile.gettempdir()).glob("taurl-weights-*")) == leftovers
+    after = gather(vllm_tiny, PROMPTS[:3], sp)
+    assert [g.token_ids for g in after] != [g.token_ids for g in before]
+    for prompt, g in zip(PROMPTS[:3], after, strict=True):
+        ref = hf_logprobs(new_model, prompt, g.token_ids)
+        assert max(abs(a - b) for a, b in zip(g.logprobs, ref, strict=True)) < 1e-3
+    # the original weights back: the original greedy continuations back
+    asyncio.run(vllm_tiny.update_weights(hf_tiny.state_dict(), version=6))
+    restored = gather(vllm_tiny, PROMPTS[:3], sp)
+    assert [g.token_ids for g in restored] == [g.token_ids for g in before]
+
+
+def test_make_backend_names_the_valid_kinds() -> None:
+    with pytest.raises(BackendError, match="expected one of .*'vllm'.*Did you mean 'vllm'"):
+        make_backend("vlm", "tiny-random")
