@@ -1,8 +1,9 @@
-"""The ``taurl`` command line: ``taurl models``, and the subcommands later parts add."""
+"""The ``taurl`` command line: ``taurl models``, ``taurl rollout``, ``taurl eval``, and the subcommands later parts add."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 
@@ -23,6 +24,88 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _overrides(pairs: list[tuple[str, object]], extra: Sequence[str]) -> list[str]:
+    """``key=value`` overrides for the flags that were given (JSON values are YAML), then ``extra``."""
+    return [f"{key}={json.dumps(value)}" for key, value in pairs if value is not None] + list(extra)
+
+
+def _agent_flags(prefix: str, args: argparse.Namespace) -> list[tuple[str, object]]:
+    return [
+        (f"{prefix}.agent.max_turns", args.max_turns),
+        (f"{prefix}.agent.sampling.max_tokens", args.max_tokens),
+        (f"{prefix}.agent.sampling.temperature", args.temperature),
+        (f"{prefix}.progress", False if args.no_progress else None),
+    ]
+
+
+def _cmd_rollout(args: argparse.Namespace) -> int:
+    from taurl.config import load_config
+    from taurl.rollout.commands import RolloutCommand, run_rollout_command
+
+    overrides = _overrides(
+        [
+            ("model", args.model),
+            ("output", args.out),
+            ("backend.kind", args.backend),
+            ("rollout.env_id", args.env),
+            ("rollout.split", args.split),
+            ("rollout.num_tasks", args.tasks),
+            ("rollout.samples_per_task", args.samples),
+            ("rollout.max_in_flight", args.in_flight),
+            ("rollout.seed", args.seed),
+            *_agent_flags("rollout", args),
+        ],
+        args.overrides,
+    )
+    cmd = load_config(RolloutCommand, args.config, overrides)
+    result = run_rollout_command(cmd)
+    print(json.dumps(result.summary.to_dict(), indent=2))
+    print(f"wrote {result.summary.episodes} trajectories to {cmd.output}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from taurl.config import load_config
+    from taurl.rollout.commands import EvalCommand, run_eval_command
+
+    overrides = _overrides(
+        [
+            ("model", args.model),
+            ("compare", args.compare),
+            ("out_dir", args.out),
+            ("backend.kind", args.backend),
+            ("eval.envs", args.env),
+            ("eval.split", args.split),
+            ("eval.episodes", args.episodes),
+            ("eval.samples", args.samples),
+            ("eval.max_in_flight", args.in_flight),
+            ("eval.seed", args.seed),
+            *_agent_flags("eval", args),
+        ],
+        args.overrides,
+    )
+    cmd = load_config(EvalCommand, args.config, overrides)
+    report = run_eval_command(cmd)
+    print(report.to_markdown(), end="")
+    print(f"wrote {cmd.out_dir}/eval.json and {cmd.out_dir}/eval.md")
+    return 0
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config file (flags and key=value overrides win over it)")
+    p.add_argument("--model", help="model name (smollm2-135m, tiny-random) or local folder")
+    p.add_argument("--split", choices=["train", "heldout"], help="task split")
+    p.add_argument("--samples", type=int, help="samples per task")
+    p.add_argument("--seed", type=int, help="base seed of task and sampling seeds")
+    p.add_argument("--in-flight", type=int, help="episodes in flight at once")
+    p.add_argument("--backend", help="inference backend: vllm (default), vllm-server or hf")
+    p.add_argument("--max-turns", type=int, help="most assistant turns per episode")
+    p.add_argument("--max-tokens", type=int, help="most new tokens per turn")
+    p.add_argument("--temperature", type=float, help="sampling temperature (0 = greedy)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. backend.options.dtype=float32")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="taurl", description="Agentic RL for language models: rollout, eval, train."
@@ -37,6 +120,21 @@ def build_parser() -> argparse.ArgumentParser:
     p_prep.add_argument("name", help="built-in model name, e.g. smollm2-135m")
     p_prep.add_argument("--force", action="store_true", help="rebuild even if prepared")
     p_models.set_defaults(func=_cmd_models)
+
+    p_roll = sub.add_parser("rollout", help="sample trajectories from an environment into JSONL")
+    _add_common(p_roll)
+    p_roll.add_argument("--env", help="environment id, e.g. taurl/Calculator-v0")
+    p_roll.add_argument("--tasks", type=int, help="distinct tasks (groups)")
+    p_roll.add_argument("--out", help="output JSONL file")
+    p_roll.set_defaults(func=_cmd_rollout)
+
+    p_eval = sub.add_parser("eval", help="evaluate a model (or compare two) on environments")
+    _add_common(p_eval)
+    p_eval.add_argument("--env", nargs="+", help="one or more environment ids (one table)")
+    p_eval.add_argument("--episodes", type=int, help="tasks per environment")
+    p_eval.add_argument("--compare", help="a second model to put side by side (e.g. a checkpoint)")
+    p_eval.add_argument("--out", help="output folder for eval.json, eval.md and trajectories")
+    p_eval.set_defaults(func=_cmd_eval)
     return parser
 
 

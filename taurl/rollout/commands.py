@@ -1,0 +1,139 @@
+"""What ``taurl rollout`` and ``taurl eval`` run: their configs and their bodies.
+
+Both commands are a config dataclass (loaded by :func:`taurl.config.load_config` from
+an optional YAML file plus ``key=value`` overrides) and a function that opens the
+backend, runs, and writes its outputs. The CLI (:mod:`taurl.cli`) only maps its flags
+to overrides; tests call these functions with an already-open backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from taurl.agents.backend import BACKENDS, InferenceBackend, make_backend
+from taurl.agents.loop import Agent
+from taurl.config import config_to_dict
+from taurl.models import resolve_model
+from taurl.rollout.eval import EvalConfig, EvalReport, compare, evaluate
+from taurl.rollout.runner import RolloutConfig, RolloutResult, run_rollout
+from taurl.types import JSONValue, write_jsonl
+
+OpenBackend = Callable[[str], AbstractContextManager[InferenceBackend]]
+
+
+@dataclass
+class BackendConfig:
+    """Which inference backend samples, and its constructor options."""
+
+    # "vllm" (in-process, default), "vllm-server" (HTTP replicas) or "hf" (transformers)
+    kind: str = "vllm"
+    # constructor arguments of that backend, e.g. {dtype: bfloat16, max_model_len: 2048}
+    options: dict[str, JSONValue] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in BACKENDS:
+            raise ValueError(f"BackendConfig.kind must be one of {sorted(BACKENDS)}, got {self.kind!r}")
+
+
+@dataclass
+class RolloutCommand:
+    """``taurl rollout``: sample trajectories and write them to JSONL."""
+
+    # model name (smollm2-135m, tiny-random), local folder or cached hub id
+    model: str = "smollm2-135m"
+    # JSONL file the trajectories are written to, as they finish
+    output: str = "trajectories.jsonl"
+    # the inference backend
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    # env, split, tasks × samples, concurrency, agent
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+
+
+@dataclass
+class EvalCommand:
+    """``taurl eval``: evaluate one model, or compare two, on one or more environments."""
+
+    # model name (smollm2-135m, tiny-random), local folder or cached hub id
+    model: str = "smollm2-135m"
+    # a second model to put side by side with the first (e.g. a trained checkpoint), or None
+    compare: str | None = None
+    # folder for eval.json, eval.md and one trajectories JSONL per model and env
+    out_dir: str = "runs/eval"
+    # the inference backend (the same settings serve both models)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    # envs, split, episodes, samples, seed, agent (greedy by default)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def backend_opener(config: BackendConfig) -> OpenBackend:
+    """A function that opens (and on exit closes) a ``config`` backend for a model."""
+
+    @contextmanager
+    def open_backend(model: str) -> Iterator[InferenceBackend]:
+        backend = make_backend(config.kind, model, **config.options)
+        try:
+            yield backend
+        finally:
+            asyncio.run(backend.close())
+
+    return open_backend
+
+
+def _agent(backend: InferenceBackend, model: str, agent_config: object) -> Agent:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
+    return Agent(backend, tokenizer, agent_config)  # type: ignore[arg-type]
+
+
+def run_rollout_command(cmd: RolloutCommand, open_backend: OpenBackend | None = None) -> RolloutResult:
+    """Run ``taurl rollout``: trajectories go to ``cmd.output`` as they finish."""
+    opener = open_backend or backend_opener(cmd.backend)
+    Path(cmd.output).parent.mkdir(parents=True, exist_ok=True)
+    with opener(cmd.model) as backend:
+        agent = _agent(backend, cmd.model, cmd.rollout.agent)
+        return asyncio.run(run_rollout(agent, cmd.rollout, output=cmd.output))
+
+
+def _label(model: str) -> str:
+    return Path(model).name if ("/" in model or Path(model).exists()) else model
+
+
+def _file_part(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")
+
+
+def run_eval_command(cmd: EvalCommand, open_backend: OpenBackend | None = None) -> EvalReport:
+    """Run ``taurl eval``: evaluate, write ``eval.json``/``eval.md`` and trajectories into ``out_dir``."""
+    opener = open_backend or backend_opener(cmd.backend)
+    models = [cmd.model] if cmd.compare is None else [cmd.model, cmd.compare]
+    labels = [_label(m) for m in models]
+    if len(set(labels)) != len(labels):
+        labels = [f"{label} ({i + 1})" for i, label in enumerate(labels)]
+    out_dir = Path(cmd.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs = {}
+    for model, label in zip(models, labels, strict=True):
+        with opener(model) as backend:
+            agent = _agent(backend, model, cmd.eval.agent)
+            runs[label] = asyncio.run(evaluate(agent, cmd.eval))
+        for env_id, result in runs[label].items():
+            write_jsonl(result.trajectories, out_dir / f"trajectories-{_file_part(label)}-{_file_part(env_id)}.jsonl")
+    comparisons = []
+    if cmd.compare is not None:
+        a, b = runs[labels[0]], runs[labels[1]]
+        comparisons = [compare(a[env_id], b[env_id]) for env_id in cmd.eval.envs]
+    report = EvalReport(
+        config=json.loads(json.dumps(config_to_dict(cmd), default=str)),
+        models=labels,
+        results={label: {e: r.metrics for e, r in run.items()} for label, run in runs.items()},
+        comparisons=comparisons,
+    )
+    report.write(out_dir)
+    return report
