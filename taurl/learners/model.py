@@ -118,6 +118,49 @@ def adapter_disabled(model: nn.Module) -> Iterator[None]:
         yield
 
 
+def _compute_dtype(device: torch.device) -> torch.dtype:
+    """The dtype a Linear would run in here: autocast's when it is on, else float32."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return torch.float32
+
+
+class _ChunkLogprob(torch.autograd.Function):
+    """log p(y | h) = (h W^T)[y] - logsumexp(h W^T) for a chunk of positions, and its entropy.
+
+    Saves only ``h``, ``y`` and the ``logsumexp`` (one float per position); backward
+    recomputes the chunk's logits once and forms ``g (onehot(y) - softmax)`` from the
+    saved logsumexp, so no float32 vocabulary-sized tensor outlives its chunk. The
+    entropy is returned for monitoring, without gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, h_N_D, weight_V_D, y_N):  # noqa: ANN001, ANN205
+        dtype = _compute_dtype(h_N_D.device)
+        logits = F.linear(h_N_D.to(dtype), weight_V_D.to(dtype)).float()
+        lse = torch.logsumexp(logits, -1)
+        logp = logits.gather(-1, y_N[:, None]).squeeze(-1) - lse
+        logp_all = logits.sub_(lse[:, None])  # in place: the chunk's log-softmax
+        entropy = -(logp_all.exp().mul_(logp_all)).sum(-1)
+        ctx.save_for_backward(h_N_D, weight_V_D, y_N, lse)
+        ctx.dtype = dtype
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp_N, _grad_entropy):  # noqa: ANN001, ANN205
+        h, weight, y, lse = ctx.saved_tensors
+        dtype = ctx.dtype
+        logits = F.linear(h.to(dtype), weight.to(dtype)).float()
+        # d logp / d logits = onehot(y) - softmax; scaled by the upstream gradient
+        grad_logits = logits.sub_(lse[:, None]).exp_().mul_(-grad_logp_N[:, None])
+        grad_logits.scatter_add_(-1, y[:, None], grad_logp_N[:, None])
+        g = grad_logits.to(dtype)
+        grad_h = (g @ weight.to(dtype)).to(h.dtype) if ctx.needs_input_grad[0] else None
+        grad_w = (g.t() @ h.to(dtype)).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return grad_h, grad_w, None
+
+
 def token_logprobs(
     hidden_B_T_D: torch.Tensor,
     lm_head: nn.Module,
@@ -129,8 +172,8 @@ def token_logprobs(
     """Log-prob and entropy of the policy at the sampled tokens only, in chunks.
 
     Only positions with mask 1 go through the vocabulary projection, ``chunk_tokens``
-    at a time, each chunk's float32 log-softmax recomputed in backward
-    (checkpointed), so at most one chunk × vocabulary of float32 exists at once.
+    at a time, and each chunk's float32 logits are recomputed in backward, so at most
+    one chunk × vocabulary of float32 exists at once (never the whole batch's).
 
     Args:
         hidden_B_T_D: [B, T, D] last hidden states (position t predicts token t + 1).
@@ -148,19 +191,23 @@ def token_logprobs(
     b, t = (mask_B_T[:, 1:] > 0).nonzero(as_tuple=True)
     h_N_D = hidden_B_T_D[b, t]
     targets_N = input_ids_B_T[b, t + 1]
+    # A plain bias-free projection takes the lean path; an entropy bonus (or a head
+    # with a bias) takes the generic checkpointed one.
+    fused = isinstance(lm_head, nn.Linear) and lm_head.bias is None and not entropy_grad
 
     def score(h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = lm_head(h).float()
         lse = torch.logsumexp(logits, -1)
         logp = logits.gather(-1, y[:, None]).squeeze(-1) - lse
-        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-            entropy = lse - (F.softmax(logits, -1) * logits).sum(-1)
+        entropy = lse - (F.softmax(logits, -1) * logits).sum(-1)
         return logp, entropy
 
     logps, ents = [], []
     for start in range(0, h_N_D.shape[0], chunk_tokens):
         h, y = h_N_D[start : start + chunk_tokens], targets_N[start : start + chunk_tokens]
-        if torch.is_grad_enabled():
+        if fused:
+            lp, ent = _ChunkLogprob.apply(h, lm_head.weight, y)
+        elif torch.is_grad_enabled():
             lp, ent = checkpoint(score, h, y, use_reentrant=False)
         else:
             lp, ent = score(h, y)

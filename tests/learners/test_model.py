@@ -51,18 +51,25 @@ def test_chunked_logprobs_and_entropy_match_full_softmax(model, chunk: int) -> N
     torch.testing.assert_close(out.entropy_B_T, ref_ent * mask, atol=1e-4, rtol=0)
 
 
-def test_chunked_logprob_gradient_matches_full(model) -> None:
+@pytest.mark.parametrize("entropy_grad", [False, True])
+def test_chunked_logprob_gradient_matches_full(model, entropy_grad: bool) -> None:
+    # entropy_grad False: the fused log-prob path; True: the checkpointed generic path
+    # with gradient through the entropy too (an entropy bonus).
     ids = torch.randint(100, 1000, (2, 10), generator=torch.Generator().manual_seed(1))
     mask = torch.ones(2, 10)
     mask[:, :3] = 0
     w = torch.randn(2, 10)
+    w_ent = torch.randn(2, 10) if entropy_grad else torch.zeros(2, 10)
     model.zero_grad()
-    ref_logp, _ = full_reference(model, ids)
-    (ref_logp * mask * w).sum().backward()
+    ref_logp, ref_ent = full_reference(model, ids)
+    ((ref_logp * w + ref_ent * w_ent) * mask).sum().backward()
     ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    out = policy_forward(model, ids, mask, chunk_tokens=4)
-    (out.logp_B_T * w).sum().backward()
+    out = policy_forward(model, ids, mask, chunk_tokens=4, entropy_grad=entropy_grad)
+    loss = (out.logp_B_T * w).sum()
+    if entropy_grad:
+        loss = loss + (out.entropy_B_T * w_ent).sum()
+    loss.backward()
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, ref_grads[n], atol=1e-5, rtol=1e-4, msg=n)
     model.zero_grad()

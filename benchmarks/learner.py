@@ -1,0 +1,163 @@
+"""Learner throughput: one GRPO update vs a bare forward+backward+AdamW step, same tokens.
+
+Both run the same model on the same trajectories, packed into the same micro-batches
+(``--micro-batch-tokens``), under the same precision. The bare loop is the floor any
+learner pays: ``model(ids).logits`` → cross-entropy on the sampled tokens → backward →
+AdamW. The GRPO update adds what GRPO needs (advantages, ratio, clipping, importance
+weights, metrics) and computes log-probs only at sampled tokens, in chunks.
+Each phase runs in its own process so that its peak memory is its own.
+
+    .venv/bin/python benchmarks/learner.py                     # SmolLM2-135M, 16 x 256 tokens
+    .venv/bin/python benchmarks/learner.py --model tiny-random --batch 8 --seq-len 128
+
+Prints one JSON line per phase and a Markdown table with the ratio (target >= 0.85).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import random
+import resource
+import sys
+import time
+from pathlib import Path
+
+
+def make_trajectories(batch: int, seq_len: int, group_size: int, seed: int = 0):  # noqa: ANN201
+    """``batch`` two-turn trajectories of exactly ``seq_len`` tokens (1/4 prompt, 16-token
+    observation between the turns), random token ids, rewards 0/1 with variance in each group.
+    The sampler log-probs are a constant: their values change the update's numbers, not its cost.
+    """
+    from taurl.types import Trajectory
+
+    rng = random.Random(seed)
+    prompt_len, obs_len = seq_len // 4, 16
+    turn_len = (seq_len - prompt_len - obs_len) // 2
+    tail = seq_len - prompt_len - obs_len - 2 * turn_len
+    out = []
+    for i in range(batch):
+        mask = [0] * prompt_len + [1] * turn_len + [0] * obs_len + [1] * (turn_len + tail)
+        turns = [-1] * prompt_len + [0] * (turn_len + obs_len) + [1] * (turn_len + tail)
+        ids = [rng.randrange(100, 40000) for _ in range(seq_len)]
+        reward = float(i % 2)
+        out.append(Trajectory(
+            token_ids=ids, loss_mask=mask, logprobs=[-1.0 * m for m in mask], turn_ids=turns,
+            rewards=[0.0, reward], episode_return=reward, termination="terminated",
+            group_id=f"g{i // group_size}",
+        ))
+    return out
+
+
+def peak_memory_mb(device) -> float:  # noqa: ANN001
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def run_phase(phase: str, args: argparse.Namespace, queue) -> None:  # noqa: ANN001
+    import torch
+
+    from taurl.learners import AlgorithmOptions, Learner, LearnerConfig
+    from taurl.learners.batch import build_batch, pack_micro_batches
+    from taurl.learners.model import autocast
+    from taurl.models import resolve_model
+
+    torch.manual_seed(0)
+    path = resolve_model(args.model)
+    cfg = LearnerConfig(
+        algorithm="grpo", options=AlgorithmOptions(kl_coef=args.kl_coef), lr=1e-6,
+        dtype=args.dtype, device=args.device, micro_batch_tokens=args.micro_batch_tokens,
+        gradient_checkpointing=args.gradient_checkpointing,
+    )
+    learner = Learner(cfg, path)
+    trajs = make_trajectories(args.batch, args.seq_len, args.group_size)
+    tokens = sum(len(t.token_ids) for t in trajs)
+    device = learner.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    if phase == "grpo":
+        def step() -> None:
+            learner.update(trajs)
+    else:
+        model, opt = learner.model, learner.optimizer
+        batch = build_batch(trajs, device)
+        micro = pack_micro_batches(list(range(batch.size)), batch.lengths_B.tolist(),
+                                   cfg.micro_batch_tokens)
+        n_sampled = batch.mask_B_T.sum()
+
+        def step() -> None:
+            model.train()
+            opt.zero_grad(set_to_none=True)
+            for rows in micro:
+                idx, W = batch.rows(rows), batch.width(rows)
+                ids, mask = batch.input_ids_B_T[idx, :W], batch.mask_B_T[idx, :W]
+                with autocast(device, learner.amp_dtype):
+                    logits = model(input_ids=ids).logits
+                sel = mask[:, 1:] > 0
+                loss = torch.nn.functional.cross_entropy(
+                    logits[:, :-1][sel].float(), ids[:, 1:][sel], reduction="sum") / n_sampled
+                loss.backward()
+            opt.step()
+
+    for _ in range(args.warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = (time.perf_counter() - start) / args.steps
+    queue.put({
+        "phase": phase, "model": args.model, "device": str(device),
+        "precision": str(learner.amp_dtype or torch.float32).replace("torch.", ""),
+        "tokens": tokens, "seconds_per_step": round(elapsed, 3),
+        "tokens_per_s": round(tokens / elapsed, 1),
+        "peak_memory_mb": round(peak_memory_mb(device), 1),
+    })
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--batch", type=int, default=16, help="trajectories per update")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per trajectory")
+    p.add_argument("--group-size", type=int, default=4)
+    p.add_argument("--micro-batch-tokens", type=int, default=4096)
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "float32"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--kl-coef", type=float, default=0.0,
+                   help="GRPO's KL weight; > 0 adds a reference-model forward (0.04 in the paper)")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--steps", type=int, default=2)
+    args = p.parse_args()
+
+    ctx = mp.get_context("spawn")
+    results = {}
+    for phase in ("bare", "grpo"):
+        queue = ctx.Queue()
+        proc = ctx.Process(target=run_phase, args=(phase, args, queue))
+        proc.start()
+        results[phase] = queue.get()
+        proc.join()
+        print(json.dumps(results[phase]), flush=True)
+    bare, grpo = results["bare"], results["grpo"]
+    ratio = grpo["tokens_per_s"] / bare["tokens_per_s"]
+    print(f"\n| {args.model} {bare['device']} {bare['precision']}, {args.batch} x {args.seq_len} "
+          "tokens | tokens/s | s/step | peak memory (MiB) |\n|---|---|---|---|")
+    for r in (bare, grpo):
+        print(f"| {r['phase']} | {r['tokens_per_s']} | {r['seconds_per_step']} | "
+              f"{r['peak_memory_mb']} |")
+    print(f"\nGRPO update / bare loop = {ratio:.2f} (target >= 0.85)")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    main()
