@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 
-def make_trajectories(batch: int, seq_len: int, group_size: int, seed: int = 0):  # noqa: ANN201
+def make_trajectories(batch: int, seq_len: int, group_size: int, seed: int = 0):
     """``batch`` two-turn trajectories of exactly ``seq_len`` tokens (1/4 prompt, 16-token
     observation between the turns), random token ids, rewards 0/1 with variance in each group.
     The sampler log-probs are a constant: their values change the update's numbers, not its cost.
@@ -50,7 +50,7 @@ def make_trajectories(batch: int, seq_len: int, group_size: int, seed: int = 0):
     return out
 
 
-def peak_memory_mb(device) -> float:  # noqa: ANN001
+def peak_memory_mb(device) -> float:
     import torch
 
     if device.type == "cuda":
@@ -58,7 +58,7 @@ def peak_memory_mb(device) -> float:  # noqa: ANN001
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def run_phase(phase: str, args: argparse.Namespace, queue) -> None:  # noqa: ANN001
+def run_phase(phase: str, args: argparse.Namespace, queue) -> None:
     import torch
 
     from taurl.learners import AlgorithmOptions, Learner, LearnerConfig

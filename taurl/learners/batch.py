@@ -196,5 +196,5 @@ def global_denominators(batch: Batch, rows: list[int], norm_len: int) -> tuple[i
     per_row = batch.mask_B_T[batch.rows(rows)].sum(1)
     num_tokens = int(per_row.sum().item())
     num_seqs = int((per_row > 0).sum().item())
-    longest = int(math.ceil(per_row.max().item())) if rows else 1
+    longest = math.ceil(per_row.max().item()) if rows else 1
     return num_tokens, num_seqs, max(norm_len or longest, 1)

@@ -37,21 +37,21 @@ class LoraConfig:
 class LearnerConfig:
     """How the learner turns batches of trajectories into optimizer steps."""
 
-    algorithm: str = "grpo"  # preset name: reinforce | ppo | ppo_turn | grpo | dr_grpo | dapo | grpo_opd
-    options: AlgorithmOptions = field(default_factory=AlgorithmOptions)  # overrides of the preset's options
+    algorithm: str = "grpo"  # preset: reinforce | ppo | ppo_turn | grpo | dr_grpo | dapo | grpo_opd
+    options: AlgorithmOptions = field(default_factory=AlgorithmOptions)  # overrides of the preset
     lr: float = 1e-6  # AdamW learning rate of the policy
     critic_lr: float = 1e-5  # AdamW learning rate of the value head / critic model
     weight_decay: float = 0.0  # AdamW weight decay
     adam_beta1: float = 0.9  # AdamW β1
     adam_beta2: float = 0.999  # AdamW β2
     max_grad_norm: float = 1.0  # clip the global gradient norm to this; 0 = no clipping
-    micro_batch_tokens: int = 8192  # padded tokens per forward/backward (gradient accumulation beyond)
+    micro_batch_tokens: int = 8192  # padded tokens per forward/backward; more are accumulated
     logprob_chunk_tokens: int = 1024  # sampled tokens per chunk of the vocabulary log-softmax
-    dtype: Literal["auto", "bf16", "float32"] = "auto"  # auto: bf16 autocast on CUDA and on CPUs with native bf16, else float32
-    device: str = "auto"  # auto: cuda when a GPU is present, else cpu; or any torch device string
+    dtype: Literal["auto", "bf16", "float32"] = "auto"  # auto: bf16 on CUDA / native-bf16 CPUs
+    device: str = "auto"  # auto: cuda when a GPU is present, else cpu; or a torch device
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
     lora: LoraConfig = field(default_factory=LoraConfig)  # LoRA adapters (rank 0 = off)
-    seed: int = 0  # seeds minibatch shuffling and the value head's initialisation
+    seed: int = 0  # seeds the minibatch shuffling
 
     def __post_init__(self) -> None:
         get_preset(self.algorithm)

@@ -114,9 +114,9 @@ class Learner:
                 gradient_checkpointing_kwargs={"use_reentrant": False}
             )
         self.value_head = new_value_head(hidden_size, self.device) if o.critic == "head" else None
-        self.critic = (
-            ValueModel(o.critic_path or self.model_path, self.device) if o.critic == "model" else None
-        )
+        self.critic: ValueModel | None = None
+        if o.critic == "model":
+            self.critic = ValueModel(o.critic_path or self.model_path, self.device)
         self.teacher_model: nn.Module | None = None
         self.tokenizer = None
         if o.teacher == "model":
@@ -248,7 +248,9 @@ class Learner:
             "reward/zero_var_groups": zero_var_groups / multi if multi else 0.0,
         }
 
-    def _advantages(self, batch: Batch, scores: _Scores):  # noqa: ANN202
+    def _advantages(
+        self, batch: Batch, scores: _Scores
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, dict[str, float]]:
         """``(advantages_B_T, returns_B_T | None, value_mask_B_T | None, metrics)``."""
         o = self.options
         mask, turns = batch.mask_B_T, batch.turn_ids_B_T
@@ -291,7 +293,9 @@ class Learner:
         s = _Scores()
         if not (need_old or need_ref or o.critic != "none" or o.teacher != "none"):
             return s
-        zeros = lambda: torch.zeros(B, T, device=self.device)  # noqa: E731
+        def zeros() -> torch.Tensor:
+            return torch.zeros(B, T, device=self.device)
+
         s.old_logp = zeros() if need_old or o.critic != "none" else None
         s.values = zeros() if o.critic != "none" else None
         s.ref_logp = zeros() if need_ref else None

@@ -135,7 +135,7 @@ class _ChunkLogprob(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h_N_D, weight_V_D, y_N):  # noqa: ANN001, ANN205
+    def forward(ctx, h_N_D, weight_V_D, y_N):
         dtype = _compute_dtype(h_N_D.device)
         logits = F.linear(h_N_D.to(dtype), weight_V_D.to(dtype)).float()
         lse = torch.logsumexp(logits, -1)
@@ -148,7 +148,7 @@ class _ChunkLogprob(torch.autograd.Function):
         return logp, entropy
 
     @staticmethod
-    def backward(ctx, grad_logp_N, _grad_entropy):  # noqa: ANN001, ANN205
+    def backward(ctx, grad_logp_N, _grad_entropy):
         h, weight, y, lse = ctx.saved_tensors
         dtype = ctx.dtype
         logits = F.linear(h.to(dtype), weight.to(dtype)).float()
@@ -275,7 +275,9 @@ def policy_forward(
     return PolicyOutput(logp, ent, values)
 
 
-def export_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def export_state_dict(
+    model: nn.Module, dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
     """The policy's weights under Hugging Face names, LoRA merged in, for weight sync.
 
     Tied weights (e.g. ``lm_head.weight`` = ``model.embed_tokens.weight``) appear once,

@@ -27,7 +27,7 @@ class AlgorithmOptions:
     # -- reward side: what R(τ) credits to which token --
     advantage: str | None = None  # estimator: group_norm | rloo | batch_norm | gae | turn_gae
     credit: Literal["episode", "turn"] | None = None  # score whole episodes, or each turn by G_h
-    group_scale: Literal["std", "none"] | None = None  # group_norm: divide by group std (GRPO) or not (Dr.GRPO)
+    group_scale: Literal["std", "none"] | None = None  # divide by group std (GRPO) or not (Dr.GRPO)
     gamma: float | None = None  # token-level discount for gae
     lam: float | None = None  # GAE λ (gae and turn_gae)
     gamma_turn: float | None = None  # discount per turn: turn credit, turn_gae
@@ -35,22 +35,22 @@ class AlgorithmOptions:
     filter_zero_var_groups: bool | None = None  # drop groups whose returns are all equal (DAPO)
     kl_coef: float | None = None  # weight of KL(π_θ || π_ref); 0 = no reference model
     kl_estimator: Literal["k1", "k2", "k3"] | None = None  # per-token KL estimator
-    kl_in: Literal["reward", "loss"] | None = None  # subtract KL from the reward, or add it to the loss
-    teacher: Teacher | None = None  # none | model (teacher_path) | privileged (frozen base + info context) | precomputed (info["teacher_logprobs"])
+    kl_in: Literal["reward", "loss"] | None = None  # KL taken from the reward, or added to the loss
+    teacher: Teacher | None = None  # none | model | privileged | precomputed (see teacher.py)
     teacher_path: str | None = None  # folder of the teacher model when teacher = model
     teacher_coef: float | None = None  # λ: weight of the per-token teacher advantage
-    teacher_clip: float | None = None  # clamp teacher - student log-prob gaps to ±this; 0 = no clamp
-    advantage_coef: float | None = None  # α: weight of the estimator's advantage (0 with a teacher = pure OPD)
+    teacher_clip: float | None = None  # clamp teacher - student log-prob gaps to ±this; 0 = none
+    advantage_coef: float | None = None  # α: weight of the estimator's advantage; 0 = pure OPD
     # -- trajectory side: how log p_θ(τ) enters the gradient --
     policy_loss: str | None = None  # ppo_clip | reinforce
     eps_low: float | None = None  # ratio clipped below at 1 - eps_low
-    eps_high: float | None = None  # ratio clipped above at 1 + eps_high (clip-higher when > eps_low)
+    eps_high: float | None = None  # ratio clipped above at 1 + eps_high (> eps_low: clip-higher)
     dual_clip: float | None = None  # dual-clip constant c > 1 for negative advantages; 0 = off
-    tis_cap: float | None = None  # truncated importance weight cap vs the sampler's log-probs; 0 = off
+    tis_cap: float | None = None  # cap of importance weights vs the sampler's log-probs; 0 = off
     loss_agg: str | None = None  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
-    loss_norm_len: int | None = None  # length constant of seq-mean-token-sum-norm; 0 = longest in batch
+    loss_norm_len: int | None = None  # length of seq-mean-token-sum-norm; 0 = longest in batch
     entropy_coef: float | None = None  # entropy bonus weight; 0 = off (entropy still reported)
-    critic: Critic | None = None  # none | head (value head on the policy) | model (separate critic)
+    critic: Critic | None = None  # none | head (value head on the policy) | model (separate)
     critic_path: str | None = None  # critic model folder when critic = model; "" = the policy's
     vf_coef: float | None = None  # weight of the value loss
     value_clip: float | None = None  # value clip range; 0 = unclipped

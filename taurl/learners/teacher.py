@@ -18,6 +18,7 @@ Three sources (``options.teacher``):
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -25,23 +26,26 @@ from taurl.errors import ConfigError, TrajectoryError
 from taurl.learners.batch import PRIVILEGED_CONTEXT_KEY
 from taurl.types import Trajectory
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 
 class TokenizerMismatchError(ConfigError):
     """Student and teacher tokenize differently, so per-token log-probs cannot be compared."""
 
 
-def load_tokenizer(path: str | Path):  # noqa: ANN201 - a transformers tokenizer
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """The tokenizer saved in model folder ``path``."""
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(Path(path))
 
 
-def check_same_tokenizer(student: object, teacher: object, student_path: str,
-                         teacher_path: str) -> None:
+def check_same_tokenizer(student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase,
+                         student_path: str, teacher_path: str) -> None:
     """Raise TokenizerMismatchError unless both tokenizers map the same strings to the same ids."""
-    s_vocab = student.get_vocab()  # type: ignore[attr-defined]
-    t_vocab = teacher.get_vocab()  # type: ignore[attr-defined]
+    s_vocab = student.get_vocab()
+    t_vocab = teacher.get_vocab()
     if s_vocab == t_vocab:
         return
     differ = sorted(set(s_vocab.items()) ^ set(t_vocab.items()))[:3]
@@ -53,12 +57,12 @@ def check_same_tokenizer(student: object, teacher: object, student_path: str,
     )
 
 
-def privileged_prefix(tokenizer: object, context: str) -> list[int]:
+def privileged_prefix(tokenizer: PreTrainedTokenizerBase, context: str) -> list[int]:
     """Token ids of ``context`` rendered as one system message by the chat template."""
-    text = tokenizer.apply_chat_template(  # type: ignore[attr-defined]
+    text = tokenizer.apply_chat_template(
         [{"role": "system", "content": context}], tokenize=False, add_generation_prompt=False
     )
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])  # type: ignore[operator]
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def privileged_contexts(trajectories: list[Trajectory]) -> list[str]:
@@ -80,7 +84,7 @@ def privileged_contexts(trajectories: list[Trajectory]) -> list[str]:
 def teacher_rows(
     token_ids: list[list[int]], prefixes: list[list[int]]
 ) -> tuple[list[list[int]], list[int]]:
-    """The teacher's input rows ``prefix + student tokens`` and each row's offset (prefix length)."""
+    """The teacher's rows ``prefix + student tokens`` and each row's offset (prefix length)."""
     rows = [p + t for p, t in zip(prefixes, token_ids, strict=True)]
     return rows, [len(p) for p in prefixes]
 

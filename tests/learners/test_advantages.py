@@ -50,7 +50,8 @@ def test_gae_masked_equals_compressed_random() -> None:
     adv, _ = A.gae(r, v, mask, 0.97, 0.9)
     for b in range(3):
         keep = mask[b] > 0
-        ref, _ = A.gae(r[b][keep][None], v[b][keep][None], torch.ones(1, int(keep.sum())), 0.97, 0.9)
+        n = int(keep.sum())
+        ref, _ = A.gae(r[b][keep][None], v[b][keep][None], torch.ones(1, n), 0.97, 0.9)
         close(adv[b][keep], ref[0].tolist())
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import toy_trajectories
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from taurl.config import load_config
@@ -16,8 +17,6 @@ from taurl.learners import PRESETS, AlgorithmOptions, Learner, LearnerConfig, Lo
 from taurl.learners.batch import build_batch, pack_micro_batches
 from taurl.learners.model import policy_forward
 from taurl.learners.teacher import TokenizerMismatchError, privileged_prefix
-
-from conftest import toy_trajectories
 
 CONTEXT = "The reference solution is 42."
 # Every group has reward variance, so DAPO's filter keeps them all.

@@ -85,7 +85,8 @@ def test_tis_weights_by_hand() -> None:
 def test_kl_estimators_by_hand() -> None:
     # logp = -1, ref = -2: log r = ref - logp = -1
     # k1 = 1; k2 = 0.5; k3 = e^-1 - 1 + 1 = 0.367879
-    logp, ref, mask = torch.tensor([[-1.0, -5.0]]), torch.tensor([[-2.0, 0.0]]), torch.tensor([[1.0, 0.0]])
+    logp, ref = torch.tensor([[-1.0, -5.0]]), torch.tensor([[-2.0, 0.0]])
+    mask = torch.tensor([[1.0, 0.0]])
     close(L.kl_penalty(logp, ref, mask, "k1"), [[1.0, 0.0]])
     close(L.kl_penalty(logp, ref, mask, "k2"), [[0.5, 0.0]])
     close(L.kl_penalty(logp, ref, mask, "k3"), [[math.exp(-1), 0.0]])
