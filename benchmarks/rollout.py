@@ -28,6 +28,7 @@ import os
 import platform
 import threading
 import time
+from typing import Self
 
 import psutil
 from transformers import AutoTokenizer
@@ -59,7 +60,7 @@ class PeakRSS:
             self.peak = max(self.peak, total)
             self._stop.wait(interval_s)
 
-    def __enter__(self) -> PeakRSS:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 

@@ -54,7 +54,7 @@ class AgentConfig:
 
     # most assistant turns per episode (the environment may end it sooner)
     max_turns: int = 8
-    # the model's context window in tokens (prompt + every turn); None: the backend's max_model_len
+    # context window in tokens (prompt + every turn), capped at the backend's max_model_len; None: the backend's
     max_context_tokens: int | None = None
     # per-turn sampling; max_tokens is the most new tokens in one turn, seed is replaced per request
     sampling: SamplingParams = field(default_factory=SamplingParams)
@@ -123,12 +123,10 @@ class Agent:
         self.backend = backend
         self.renderer = ChatRenderer(tokenizer)
         self.config = config
-        limit = config.max_context_tokens or getattr(backend, "max_model_len", None)
-        if not isinstance(limit, int):
-            raise ValueError(
-                f"{type(backend).__name__} does not say its context length (no max_model_len); "
-                "set AgentConfig.max_context_tokens"
-            )
+        # A configured limit above the backend's would only move the overflow into the backend.
+        limit = backend.max_model_len
+        if config.max_context_tokens is not None:
+            limit = min(limit, config.max_context_tokens)
         self.max_context_tokens: int = limit
 
     async def run_episode(

@@ -166,7 +166,8 @@ async def run_rollout(
         bar = tqdm(
             total=config.num_tasks * config.samples_per_task, unit="ep", desc=f"rollout {config.env_id}"
         )
-    sink: IO[str] | None = open(output, "w", encoding="utf-8") if output is not None else None  # noqa: SIM115
+    # Opened once per run (not per episode), so a blocking open on the loop costs nothing.
+    sink: IO[str] | None = open(output, "w", encoding="utf-8") if output is not None else None  # noqa: SIM115, ASYNC230
     t_start = time.perf_counter()
 
     def make_env() -> gymnasium.Env:

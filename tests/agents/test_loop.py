@@ -161,6 +161,6 @@ def test_env_crash_marks_the_episode_error(vllm_tiny, tokenizer):
 
 def test_greedy_episode_is_reproducible(vllm_tiny, tokenizer):
     agent = Agent(vllm_tiny, tokenizer, AgentConfig(sampling=SamplingParams(max_tokens=8, temperature=0.0)))
-    make = lambda: gymnasium.make("taurl/GuessNumber-v0", max_turns=2, disable_env_checker=True)  # noqa: E731
+    make = lambda: gymnasium.make("taurl/GuessNumber-v0", max_turns=2, disable_env_checker=True)
     a, b = run(agent, make()), run(agent, make())
     assert a.token_ids == b.token_ids and a.rewards == b.rewards and a.task_id == b.task_id

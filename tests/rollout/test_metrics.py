@@ -8,7 +8,7 @@ import math
 import pytest
 
 from taurl.rollout.eval import EnvResult, EvalReport, compare
-from taurl.rollout.metrics import mean_ci, pass_at_k, paired_diff_ci, student_t_quantile, summarize
+from taurl.rollout.metrics import mean_ci, paired_diff_ci, pass_at_k, student_t_quantile, summarize
 from taurl.types import Trajectory
 
 
