@@ -91,6 +91,41 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from taurl.config import load_config
+    from taurl.trainer import TrainConfig, load_run_config, train
+
+    if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
+        args.overrides, args.config = [args.config, *args.overrides], None
+    if args.resume:
+        if args.config or args.overrides:
+            raise TaurlError(
+                "--resume continues a run with the config it was started with; drop the CONFIG "
+                "and key=value arguments (or start a new run_dir)"
+            )
+        cfg = load_run_config(args.resume)
+    else:
+        cfg = load_config(TrainConfig, args.config, args.overrides)
+    run_dir = train(cfg, resume=bool(args.resume))
+    print(f"run finished: {run_dir} (metrics.jsonl, samples.md, checkpoints/latest)")
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from taurl.plot import plot_run
+
+    print(plot_run(args.run_dir, args.out))
+    return 0
+
+
+def _cmd_diagnose(args: argparse.Namespace) -> int:
+    from taurl.diagnose import diagnose, format_findings, read_metrics
+
+    rows = read_metrics(args.run_dir)
+    print(format_findings(diagnose(rows, window=args.window), len(rows)))
+    return 0
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config file (flags and key=value overrides win over it)")
     p.add_argument("--model", help="model name (smollm2-135m, tiny-random) or local folder")
@@ -135,6 +170,22 @@ def build_parser() -> argparse.ArgumentParser:
     p_eval.add_argument("--compare", help="a second model to put side by side (e.g. a checkpoint)")
     p_eval.add_argument("--out", help="output folder for eval.json, eval.md and trajectories")
     p_eval.set_defaults(func=_cmd_eval)
+
+    p_train = sub.add_parser("train", help="train a policy: rollout -> learn -> sync -> eval")
+    p_train.add_argument("config", nargs="?", help="YAML config (e.g. examples/grpo_calculator.yaml)")
+    p_train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. learner.lr=1e-5")
+    p_train.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    p_train.set_defaults(func=_cmd_train)
+
+    p_plot = sub.add_parser("plot", help="write a run's learning curves as PNG")
+    p_plot.add_argument("run_dir", help="a run directory of `taurl train`")
+    p_plot.add_argument("--out", help="PNG path (default RUN_DIR/curves.png)")
+    p_plot.set_defaults(func=_cmd_plot)
+
+    p_diag = sub.add_parser("diagnose", help="name trajectory-side and reward-side symptoms of a run")
+    p_diag.add_argument("run_dir", help="a run directory of `taurl train`")
+    p_diag.add_argument("--window", type=int, default=5, help="iterations the rules average over")
+    p_diag.set_defaults(func=_cmd_diagnose)
     return parser
 
 
