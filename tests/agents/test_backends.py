@@ -6,12 +6,14 @@ import asyncio
 import copy
 import dataclasses
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
-from taurl.agents.backend import ContextLengthError, make_backend
+from taurl.agents.backend import ContextLengthError, InferenceBackend, make_backend
+from taurl.agents.hf_backend import HFBackend
 from taurl.agents.vllm_backend import VLLMBackend
 from taurl.errors import BackendError
 from taurl.types import Generation, SamplingParams
@@ -36,7 +38,7 @@ def hf_tiny(tiny_model_path: Path) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).eval()
 
 
-def gather(backend: VLLMBackend, prompts: list[list[int]], sp: SamplingParams) -> list[Generation]:
+def gather(backend: InferenceBackend, prompts: list[list[int]], sp: SamplingParams) -> list[Generation]:
     async def run() -> list[Generation]:
         return await asyncio.gather(
             *(backend.generate(p, sp, session_id=f"ep{i}") for i, p in enumerate(prompts))
@@ -145,3 +147,77 @@ def test_vllm_update_weights_changes_the_policy(
 def test_make_backend_names_the_valid_kinds() -> None:
     with pytest.raises(BackendError, match="expected one of .*'vllm'.*Did you mean 'vllm'"):
         make_backend("vlm", "tiny-random")
+
+
+# -- transformers backend --------------------------------------------------------------
+
+# prompts of different lengths, so a batch is left-padded
+RAGGED = [[1, 9690, 198] + [2683 + 7 * i] * (i + 1) + [2, 198] for i in range(5)]
+
+
+@pytest.fixture(scope="module")
+def hf_backend(tiny_model_path: Path) -> Iterator[HFBackend]:
+    backend = HFBackend(tiny_model_path, dtype="float32", max_batch_size=8, max_model_len=512)
+    try:
+        yield backend
+    finally:
+        backend.close_sync()
+
+
+def test_hf_batched_sampling_logprobs_match_a_single_forward(
+    hf_backend: HFBackend, hf_tiny: torch.nn.Module
+) -> None:
+    gens = gather(hf_backend, RAGGED, SamplingParams(max_tokens=10, temperature=0.9, top_p=0.95))
+    for prompt, gen in zip(RAGGED, gens, strict=True):
+        assert 1 <= len(gen.token_ids) <= 10
+        assert gen.finish_reason == ("length" if len(gen.token_ids) == 10 else "stop")
+        ref = hf_logprobs(hf_tiny, prompt, gen.token_ids)
+        assert max(abs(a - b) for a, b in zip(gen.logprobs, ref, strict=True)) < 1e-4
+
+
+def test_hf_seeds_reproduce_and_greedy_agrees_with_vllm(
+    hf_backend: HFBackend, vllm_tiny: VLLMBackend
+) -> None:
+    sp = SamplingParams(max_tokens=8, temperature=1.0, top_k=50, seed=11)
+    a = gather(hf_backend, RAGGED[:3], sp)
+    b = gather(hf_backend, RAGGED[:3][::-1], sp)[::-1]  # other batch positions, same seeds
+    assert [g.token_ids for g in a] == [g.token_ids for g in b]
+    greedy = SamplingParams(max_tokens=8, temperature=0.0)
+    hf = gather(hf_backend, RAGGED, greedy)
+    vl = gather(vllm_tiny, RAGGED, greedy)
+    assert [g.token_ids for g in hf] == [g.token_ids for g in vl]
+    for h, v in zip(hf, vl, strict=True):
+        assert max(abs(x - y) for x, y in zip(h.logprobs, v.logprobs, strict=True)) < 1e-3
+
+
+def test_hf_stop_strings_and_weight_updates(
+    hf_backend: HFBackend, hf_tiny: torch.nn.Module, tiny_model_path: Path
+) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_path)
+    sp = SamplingParams(max_tokens=12, temperature=1.0, seed=5)
+    full = gather(hf_backend, RAGGED[:1], sp)[0]
+    stop = tok.decode(full.token_ids[4:5]).strip()
+    assert stop
+    k = next(i for i in range(12) if stop in tok.decode(full.token_ids[: i + 1]))
+    cut = gather(hf_backend, RAGGED[:1], dataclasses.replace(sp, stop=(stop,)))[0]
+    assert cut.finish_reason == "stop" and cut.token_ids == full.token_ids[: k + 1]
+
+    greedy = SamplingParams(max_tokens=6, temperature=0.0)
+    before = gather(hf_backend, RAGGED[:2], greedy)
+    changed = copy.deepcopy(hf_tiny)
+    with torch.no_grad():
+        for p in changed.parameters():
+            p.mul_(-1.0)
+    asyncio.run(hf_backend.update_weights(changed.state_dict(), version=3))
+    assert hf_backend.policy_version == 3
+    assert [g.token_ids for g in gather(hf_backend, RAGGED[:2], greedy)] != [
+        g.token_ids for g in before
+    ]
+    with pytest.raises(BackendError, match="does not fit the model"):
+        asyncio.run(hf_backend.update_weights({"bogus.weight": torch.zeros(1)}, version=4))
+    asyncio.run(hf_backend.update_weights(hf_tiny.state_dict(), version=0))
+    assert [g.token_ids for g in gather(hf_backend, RAGGED[:2], greedy)] == [
+        g.token_ids for g in before
+    ]
