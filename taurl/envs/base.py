@@ -155,12 +155,7 @@ def answer_tag(text: str) -> str | None:
 def last_number(text: str) -> float | None:
     """The last number written in ``text`` (``1,234`` and ``-3.5`` read as numbers), else None."""
     found = _NUMBER_RE.findall(text)
-    if not found:
-        return None
-    try:
-        return float(found[-1].replace(",", ""))
-    except ValueError:
-        return None
+    return float(found[-1].replace(",", "")) if found else None
 
 
 def _check_split(split: str, cls_name: str) -> str:
