@@ -69,15 +69,15 @@ class TrainConfig:
     # where config, metrics, samples and checkpoints go
     run_dir: str = "runs/grpo-calculator"
     # training iterations (rollout + update + sync)
-    iterations: int = 20
+    iterations: int = 30
     # stop early after this many minutes of wall-clock time (0 = no limit)
-    time_budget_min: float = 0.0
+    time_budget_min: float = 30.0
     # base seed of tasks, sampling and the learner
     seed: int = 0
     # training episodes: env, tasks per iteration (N), group size (G), agent limits and sampling
     rollout: RolloutConfig = field(default_factory=_default_rollout)
     # the algorithm and its optimiser (learner.algorithm: reinforce | ppo | grpo | grpo_opd | ...)
-    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    learner: LearnerConfig = field(default_factory=lambda: LearnerConfig(lr=2e-6))
     # the inference engine: vllm (in-process, default), server, or hf
     backend: BackendConfig = field(default_factory=BackendConfig)
     # evaluate on the held-out split every this many iterations (0 = never; also at the end)

@@ -180,3 +180,20 @@ def test_resume_refuses_extra_arguments(tmp_path: Path) -> None:
     from taurl.cli import main
 
     assert main(["train", "--resume", str(tmp_path), "iterations=3"]) == 2
+
+
+EXAMPLES = sorted((Path(__file__).parents[1] / "examples").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_example_configs_load_and_name_registered_envs(path: Path) -> None:
+    import taurl.envs  # noqa: F401 - registers the built-in environments
+
+    cfg = load_config(TrainConfig, path)
+    assert cfg.rollout.env_id in gymnasium.registry
+
+
+def test_default_config_is_the_main_example() -> None:
+    """The README's main job runs `examples/grpo_calculator.yaml`; it is TrainConfig()."""
+    path = Path(__file__).parents[1] / "examples" / "grpo_calculator.yaml"
+    assert load_config(TrainConfig, path) == TrainConfig()
