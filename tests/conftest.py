@@ -27,6 +27,7 @@ from taurl.models import resolve_model
 if TYPE_CHECKING:
     from taurl.agents.vllm_backend import VLLMBackend
 
+
 @pytest.fixture(scope="session")
 def tiny_model_path() -> Path:
     """Folder of the 2-layer random Llama with SmolLM2's tokenizer (prepared once, cached)."""
@@ -38,9 +39,7 @@ def vllm_tiny(tiny_model_path: Path) -> Iterator[VLLMBackend]:
     """One in-process vLLM engine on the tiny model for the whole session (float32, seed 0)."""
     from taurl.agents.vllm_backend import VLLMBackend
 
-    backend = VLLMBackend(
-        tiny_model_path, dtype="float32", max_model_len=4096, seed=0
-    )
+    backend = VLLMBackend(tiny_model_path, dtype="float32", max_model_len=4096, seed=0)
     try:
         yield backend
     finally:

@@ -38,7 +38,7 @@ import tempfile
 import threading
 from collections.abc import Coroutine, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Self, TypeVar
 
 from taurl.errors import BackendError
 from taurl.types import Generation, SamplingParams
@@ -79,9 +79,7 @@ class InferenceBackend(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def update_weights(
-        self, state_dict: Mapping[str, torch.Tensor], version: int
-    ) -> None:
+    async def update_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
         """Load new policy weights (HF parameter names) and set ``policy_version``.
 
         Returns once every replica samples with the new weights. Requests already in
@@ -93,7 +91,7 @@ class InferenceBackend(abc.ABC):
     async def close(self) -> None:
         """Release engines, processes and connections. Idempotent."""
 
-    async def __aenter__(self) -> InferenceBackend:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

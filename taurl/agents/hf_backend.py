@@ -49,6 +49,10 @@ class HFBackend(InferenceBackend):
         max_batch_size: most requests decoded together in one batch.
         max_model_len: most tokens (prompt + new) in one sequence.
         seed: seeds the sampling of requests that bring no seed of their own.
+        num_threads: torch's intra-op threads (``torch.set_num_threads``, which is
+            process-wide); None leaves torch's setting. On a machine whose cores are
+            busy with other work, 1 can be many times faster than more: threads that
+            wait for a descheduled sibling spin at every operation.
     """
 
     def __init__(
@@ -60,6 +64,7 @@ class HFBackend(InferenceBackend):
         max_batch_size: int = 64,
         max_model_len: int = 2048,
         seed: int = 0,
+        num_threads: int | None = None,
     ) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -73,6 +78,11 @@ class HFBackend(InferenceBackend):
             raise BackendError(
                 f"HFBackend dtype must name a torch dtype (float32, bfloat16, float16), got {dtype!r}"
             )
+        if num_threads is not None:
+            if num_threads < 1:
+                raise BackendError(f"HFBackend num_threads must be >= 1 or None, got {num_threads}")
+            torch.set_num_threads(num_threads)
+        self.num_threads = torch.get_num_threads()
         self.model_path = resolve_model(model)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch_dtype)

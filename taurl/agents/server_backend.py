@@ -134,7 +134,9 @@ class VLLMServerBackend(InferenceBackend):
         weights_dir: str | Path | None = None,
     ) -> None:
         if urls is not None and not urls:
-            raise BackendError("VLLMServerBackend got urls=[]; pass server URLs or None to start servers")
+            raise BackendError(
+                "VLLMServerBackend got urls=[]; pass server URLs or None to start servers"
+            )
         if urls is None and replicas < 1:
             raise BackendError(f"VLLMServerBackend replicas must be >= 1, got {replicas}")
         if max_model_len < 2:
@@ -437,8 +439,7 @@ def _parse_generation(data: Mapping[str, object]) -> Generation:
         reason = choice["finish_reason"]
     except (KeyError, IndexError, TypeError, ValueError) as e:
         raise BackendError(
-            f"unexpected /inference/v1/generate answer ({type(e).__name__}: {e}): "
-            f"{str(data)[:300]}"
+            f"unexpected /inference/v1/generate answer ({type(e).__name__}: {e}): {str(data)[:300]}"
         ) from e
     finish = reason if reason in ("stop", "length") else "abort"
     return Generation(token_ids=token_ids, logprobs=logprobs, finish_reason=finish)

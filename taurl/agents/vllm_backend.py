@@ -20,6 +20,7 @@ backend at import time needs an ``if __name__ == "__main__":`` guard.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 import uuid
@@ -67,6 +68,8 @@ class VLLMBackend(InferenceBackend):
         cpu_threads: CPU cores for the model worker (``VLLM_CPU_OMP_THREADS_BIND``
             ``0-{n-1}``), unless that variable is set; None keeps vLLM's "auto" binding.
         enforce_eager: skip torch.compile / CUDA graphs; None = True on CPU, False on GPU.
+        warmup: send a few short requests before returning, so that the first real
+            request does not pay the engine's one-time first-step costs.
         engine_options: further ``vllm.AsyncEngineArgs`` fields, passed as they are.
     """
 
@@ -83,6 +86,7 @@ class VLLMBackend(InferenceBackend):
         cpu_kv_cache_gb: int = 1,
         cpu_threads: int | None = None,
         enforce_eager: bool | None = None,
+        warmup: bool = True,
         engine_options: Mapping[str, object] | None = None,
     ) -> None:
         if max_model_len < 2:
@@ -97,7 +101,8 @@ class VLLMBackend(InferenceBackend):
         self.model_path = resolve_model(model)
         self.max_model_len = max_model_len
         self.policy_version = 0
-        self.startup_seconds = 0.0
+        self.startup_seconds = 0.0  # engine start (imports, child processes, weights)
+        self.warmup_seconds = 0.0  # the warm-up requests after it
         self._engine: AsyncLLM | None = None
         self._closed = False
         self._loop = BackgroundLoop(name="taurl-vllm")
@@ -113,6 +118,8 @@ class VLLMBackend(InferenceBackend):
         options.update(engine_options or {})
         try:
             self._loop.run_sync(self._start(options, enforce_eager, cpu_kv_cache_gb, cpu_threads))
+            if warmup:
+                self._loop.run_sync(self._warmup())
         except BaseException:
             self._loop.stop()
             raise
@@ -139,6 +146,13 @@ class VLLMBackend(InferenceBackend):
         args = AsyncEngineArgs(model=str(self.model_path), **options)  # type: ignore[arg-type]
         self._engine = AsyncLLM.from_engine_args(args)
         self.startup_seconds = time.perf_counter() - t0
+
+    async def _warmup(self) -> None:
+        t0 = time.perf_counter()
+        prompt = [0] * min(16, self.max_model_len - 4)
+        sampling = SamplingParams(max_tokens=4, seed=0)
+        await asyncio.gather(*(self._generate(prompt, sampling, 4) for _ in range(4)))
+        self.warmup_seconds = time.perf_counter() - t0
 
     # -- generation ----------------------------------------------------------------
 

@@ -38,7 +38,9 @@ def hf_tiny(tiny_model_path: Path) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).eval()
 
 
-def gather(backend: InferenceBackend, prompts: list[list[int]], sp: SamplingParams) -> list[Generation]:
+def gather(
+    backend: InferenceBackend, prompts: list[list[int]], sp: SamplingParams
+) -> list[Generation]:
     async def run() -> list[Generation]:
         return await asyncio.gather(
             *(backend.generate(p, sp, session_id=f"ep{i}") for i, p in enumerate(prompts))
@@ -76,7 +78,9 @@ def test_vllm_seeded_and_greedy_sampling_are_reproducible(
     greedy = gather(vllm_tiny, PROMPTS[:1], SamplingParams(max_tokens=10, temperature=0.0))[0]
     with torch.no_grad():
         ref = hf_tiny.generate(
-            torch.tensor([PROMPTS[0]]), max_new_tokens=10, do_sample=False,
+            torch.tensor([PROMPTS[0]]),
+            max_new_tokens=10,
+            do_sample=False,
             eos_token_id=None,
         )[0, len(PROMPTS[0]) :].tolist()
     n = len(greedy.token_ids)

@@ -18,7 +18,9 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VLLMServerBackend]:
+def server(
+    tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[VLLMServerBackend]:
     backend = VLLMServerBackend(
         tiny_model_path,
         dtype="float32",
@@ -43,7 +45,9 @@ def test_server_matches_the_in_process_engine(
     async def run(backend: VLLMServerBackend | VLLMBackend) -> list[Generation]:
         return await asyncio.gather(
             *(
-                backend.generate(prompt(i), SamplingParams(max_tokens=12, seed=i), session_id=f"s{i}")
+                backend.generate(
+                    prompt(i), SamplingParams(max_tokens=12, seed=i), session_id=f"s{i}"
+                )
                 for i in range(6)
             )
         )
@@ -120,5 +124,7 @@ def test_rollout_survives_a_killed_server_without_lost_or_duplicated_results(
     for key in [(0, turns - 1), (episodes - 1, turns - 1), (3, 2)]:
         context, gen = records[key]
         e, t = key
-        ref = asyncio.run(vllm_tiny.generate(context, SamplingParams(max_tokens=6, seed=100 * e + t)))
+        ref = asyncio.run(
+            vllm_tiny.generate(context, SamplingParams(max_tokens=6, seed=100 * e + t))
+        )
         assert gen.token_ids == ref.token_ids
