@@ -55,11 +55,12 @@ def test_chunked_logprobs_and_entropy_match_full_softmax(model, chunk: int) -> N
 def test_chunked_logprob_gradient_matches_full(model, entropy_grad: bool) -> None:
     # entropy_grad False: the fused log-prob path; True: the checkpointed generic path
     # with gradient through the entropy too (an entropy bonus).
-    ids = torch.randint(100, 1000, (2, 10), generator=torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(100, 1000, (2, 10), generator=g)
     mask = torch.ones(2, 10)
     mask[:, :3] = 0
-    w = torch.randn(2, 10)
-    w_ent = torch.randn(2, 10) if entropy_grad else torch.zeros(2, 10)
+    w = torch.randn(2, 10, generator=g)
+    w_ent = torch.randn(2, 10, generator=g) if entropy_grad else torch.zeros(2, 10)
     model.zero_grad()
     ref_logp, ref_ent = full_reference(model, ids)
     ((ref_logp * w + ref_ent * w_ent) * mask).sum().backward()
@@ -71,7 +72,9 @@ def test_chunked_logprob_gradient_matches_full(model, entropy_grad: bool) -> Non
         loss = loss + (out.entropy_B_T * w_ent).sum()
     loss.backward()
     for n, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, ref_grads[n], atol=1e-5, rtol=1e-4, msg=n)
+        # float32 sums over the 49,152-token vocabulary differ by ~3e-5 in the entropy's
+        # gradient (largest entries ~1), depending on summation order.
+        torch.testing.assert_close(p.grad, ref_grads[n], atol=1e-4, rtol=1e-4, msg=n)
     model.zero_grad()
 
 
