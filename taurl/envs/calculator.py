@@ -17,8 +17,10 @@ stories and phrasings), and every task has at least one operand above
 
 **Difficulty** knobs: ``min_value``/``max_value``, ``num_operations`` (1 to 3),
 ``operations`` (any of ``+-*``), ``style`` (``"expression"``, ``"word"`` or
-``"mixed"``). The defaults were picked so that SmolLM2-135M-Instruct, sampled at
-temperature 1.0, solves some tasks but not all (see the README's measured table).
+``"mixed"``). The defaults (one addition of operands in 1..5, bare expression) were
+picked so that SmolLM2-135M-Instruct, sampled at temperature 1.0 with the tool prompt
+as its system message, solves some tasks but not all: 5 of 24 (21%) in a measurement
+where operands up to 20 with ``+-`` gave 1 of 24 (4%); see the README's table.
 """
 
 from __future__ import annotations
@@ -158,9 +160,9 @@ class CalculatorEnv(ToolEnv):
         *,
         style: str = "expression",
         min_value: int = 1,
-        max_value: int = 20,
+        max_value: int = 5,
         num_operations: int = 1,
-        operations: str = "+-",
+        operations: str = "+",
         max_turns: int = 3,
         tool_timeout_s: float | None = None,
         **tool_env_kwargs: object,
