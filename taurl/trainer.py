@@ -37,7 +37,7 @@ from taurl.agents.backend import InferenceBackend, make_backend
 from taurl.agents.loop import Agent, AgentConfig
 from taurl.config import config_from_dict, config_to_dict, dump_config
 from taurl.errors import ConfigError, TaurlError
-from taurl.learners import Learner, LearnerConfig
+from taurl.learners import AlgorithmOptions, Learner, LearnerConfig
 from taurl.models import resolve_model
 from taurl.rollout.commands import BackendConfig
 from taurl.rollout.eval import EvalConfig, evaluate
@@ -77,7 +77,9 @@ class TrainConfig:
     # training episodes: env, tasks per iteration (N), group size (G), agent limits and sampling
     rollout: RolloutConfig = field(default_factory=_default_rollout)
     # the algorithm and its optimiser (learner.algorithm: reinforce | ppo | grpo | grpo_opd | ...)
-    learner: LearnerConfig = field(default_factory=lambda: LearnerConfig(lr=2e-6))
+    learner: LearnerConfig = field(
+        default_factory=lambda: LearnerConfig(lr=5e-6, options=AlgorithmOptions(kl_coef=0.0))
+    )
     # the inference engine: vllm (in-process, default), server, or hf
     backend: BackendConfig = field(default_factory=BackendConfig)
     # evaluate on the held-out split every this many iterations (0 = never; also at the end)
