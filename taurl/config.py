@@ -47,7 +47,9 @@ def _type_name(tp: object) -> str:
 def _coerce(value: object, tp: object, where: str) -> object:
     """Return ``value`` checked (and, where lossless, converted) against type ``tp``."""
     origin = get_origin(tp)
-    if tp is typing.Any or tp is object:
+    if tp is typing.Any or tp is object or isinstance(tp, (str, typing.ForwardRef)):
+        # object, Any, and the recursive JSONValue alias (a forward reference) take any value
+        # YAML produced.
         return value
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
         if isinstance(value, tp):
