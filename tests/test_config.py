@@ -9,6 +9,7 @@ import pytest
 
 from taurl.config import dump_config, load_config, parse_overrides
 from taurl.errors import ConfigError
+from taurl.types import JSONValue
 
 
 @dataclass
@@ -88,13 +89,12 @@ def test_parse_overrides_nests_dotted_keys() -> None:
     assert parse_overrides(["a.b.c=1", "a.d=x"]) == {"a": {"b": {"c": 1}, "d": "x"}}
 
 
+@dataclass
+class WithOptions:
+    options: dict[str, JSONValue] = field(default_factory=dict)  # free-form backend options
+
+
 def test_json_valued_fields_take_nested_yaml() -> None:
-    from taurl.types import JSONValue
-
-    @dataclass
-    class WithOptions:
-        options: dict[str, JSONValue] = field(default_factory=dict)  # free-form backend options
-
     cfg = load_config(WithOptions, None, ["options.engine={max_num_batched_tokens: 32768}",
                                           "options.dtype=float32"])
     assert cfg.options == {"engine": {"max_num_batched_tokens": 32768}, "dtype": "float32"}
