@@ -55,9 +55,10 @@ def _default_rollout() -> RolloutConfig:
     )
 
 
-def sync_dtype(backend: BackendConfig) -> torch.dtype:
-    """The dtype weights are synced in: the engine's own (bf16 unless it runs in float32)."""
-    return torch.float32 if backend.options.get("dtype") == "float32" else torch.bfloat16
+def sync_dtype(backend: InferenceBackend) -> torch.dtype:
+    """The dtype weights are synced in: the engine's own (float32 when it does not say)."""
+    dtype = getattr(backend, "weight_dtype", None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
 @dataclass
@@ -78,7 +79,9 @@ class TrainConfig:
     rollout: RolloutConfig = field(default_factory=_default_rollout)
     # the algorithm and its optimiser (learner.algorithm: reinforce | ppo | grpo | grpo_opd | ...)
     learner: LearnerConfig = field(
-        default_factory=lambda: LearnerConfig(lr=5e-6, options=AlgorithmOptions(kl_coef=0.0))
+        default_factory=lambda: LearnerConfig(
+            lr=5e-6, micro_batch_tokens=2048, options=AlgorithmOptions(kl_coef=0.0)
+        )
     )
     # the inference engine: vllm (in-process, default), server, or hf
     backend: BackendConfig = field(default_factory=BackendConfig)
@@ -341,7 +344,7 @@ async def train_async(
         # The engine must sample with the learner's weights: a fresh engine already does at
         # iteration 0, a resumed or shared one does not.
         t0 = time.perf_counter()
-        await backend.update_weights(learner.state_dict_for_sync(sync_dtype(cfg.backend)), learner.policy_version)
+        await backend.update_weights(learner.state_dict_for_sync(sync_dtype(backend)), learner.policy_version)
         initial_sync_s = time.perf_counter() - t0
         agent = Agent(backend, tokenizer, cfg.rollout.agent)
         for it in range(start_iter, cfg.iterations):
@@ -388,7 +391,7 @@ async def _iteration(
     metrics.update(learner.update([t for t in trajs if t.termination != "error"]))
     t2 = time.perf_counter()
     await backend.update_weights(
-        learner.state_dict_for_sync(sync_dtype(cfg.backend)), learner.policy_version
+        learner.state_dict_for_sync(sync_dtype(backend)), learner.policy_version
     )
     t3 = time.perf_counter()
     metrics.update({

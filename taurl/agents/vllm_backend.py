@@ -152,6 +152,10 @@ class VLLMBackend(InferenceBackend):
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kv_cache_gb))
             if cpu_threads is not None:
                 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{cpu_threads - 1}")
+        if on_cpu and options.get("dtype") == "auto" and not _cpu_has_native_bf16():
+            # bf16 is emulated (and several times slower than float32) without AMX/AVX512-BF16.
+            options["dtype"] = "float32"
+        self.weight_dtype = _torch_dtype(str(options.get("dtype")), self.model_path)
         options.setdefault("enforce_eager", on_cpu if enforce_eager is None else enforce_eager)
         if on_cpu:
             options.setdefault("enable_chunked_prefill", False)  # see the module docstring
@@ -274,3 +278,22 @@ class VLLMBackend(InferenceBackend):
 async def _shutdown(engine: AsyncLLM) -> None:
     """Shut ``engine`` down on its own loop (its output task lives there)."""
     engine.shutdown()
+
+
+def _cpu_has_native_bf16() -> bool:
+    import torch
+
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def _torch_dtype(dtype: str, model_path: Path) -> torch.dtype:
+    """The torch dtype an engine of ``dtype`` holds its weights in ("auto": the checkpoint's)."""
+    import json
+
+    import torch
+
+    if dtype == "auto":
+        config = json.loads((model_path / "config.json").read_text())
+        dtype = str(config.get("dtype") or config.get("torch_dtype") or "float32")
+    return {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
+            "float16": torch.float16, "half": torch.float16}.get(dtype, torch.float32)
