@@ -50,7 +50,7 @@ LATEST = "latest"
 
 def _default_rollout() -> RolloutConfig:
     return RolloutConfig(
-        env_id="taurl/Calculator-v0", num_tasks=8, samples_per_task=8, max_in_flight=64,
+        env_id="taurl/Calculator-v0", num_tasks=4, samples_per_task=8, max_in_flight=64,
         agent=AgentConfig(max_turns=3, sampling=SamplingParams(max_tokens=96, temperature=1.0)),
     )
 
@@ -86,7 +86,7 @@ class TrainConfig:
     # the inference engine: vllm (in-process, default), server, or hf
     backend: BackendConfig = field(default_factory=BackendConfig)
     # evaluate on the held-out split every this many iterations (0 = never; also at the end)
-    eval_every: int = 5
+    eval_every: int = 4
     # held-out tasks per evaluation (greedy, one sample each)
     eval_episodes: int = 32
     # write a checkpoint every this many iterations (the last iteration is always saved)
