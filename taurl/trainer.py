@@ -210,8 +210,14 @@ def export_policy(learner: Learner, model_path: Path, out: Path) -> None:
     for f in model_path.iterdir():
         if f.is_file() and not f.name.endswith(".safetensors") and f.name != "taurl-model.json":
             shutil.copy2(f, out / f.name)
-    state = {k: v.contiguous() for k, v in learner.state_dict_for_sync(torch.bfloat16).items()}
+    # float32, and said so in config.json: RL updates at small learning rates are often
+    # below bf16's resolution, so a bf16 export can round the learned change away.
+    state = {k: v.contiguous() for k, v in learner.state_dict_for_sync(torch.float32).items()}
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((out / "config.json").read_text())
+    config["dtype"] = "float32"
+    config.pop("torch_dtype", None)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
 
 
 def _config_diff(a: dict[str, object], b: dict[str, object], prefix: str = "") -> str:
