@@ -44,6 +44,17 @@ class BuiltinModel:
     build: Callable[[Path], None]  # writes a complete HF folder into the given (empty) dir
 
 
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU computes bf16 matmuls natively (AVX512-BF16 or AMX).
+
+    Elsewhere bf16 is emulated and several times slower than float32, so the vLLM
+    backend and the learner both fall back to float32 on ``auto``.
+    """
+    import torch
+
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
 def models_dir() -> Path:
     """Where prepared models live: ``$TAURL_MODELS_DIR`` or ``~/.cache/taurl/models``."""
     env = os.environ.get(MODELS_DIR_ENV)

@@ -46,7 +46,7 @@ from taurl.agents.backend import (
     write_weights_dir,
 )
 from taurl.errors import BackendError
-from taurl.models import resolve_model
+from taurl.models import cpu_has_native_bf16, resolve_model
 from taurl.types import Generation, SamplingParams
 
 if TYPE_CHECKING:
@@ -152,7 +152,7 @@ class VLLMBackend(InferenceBackend):
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kv_cache_gb))
             if cpu_threads is not None:
                 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{cpu_threads - 1}")
-        if on_cpu and options.get("dtype") == "auto" and not _cpu_has_native_bf16():
+        if on_cpu and options.get("dtype") == "auto" and not cpu_has_native_bf16():
             # bf16 is emulated (and several times slower than float32) without AMX/AVX512-BF16.
             options["dtype"] = "float32"
         self.weight_dtype = _torch_dtype(str(options.get("dtype")), self.model_path)
@@ -278,12 +278,6 @@ class VLLMBackend(InferenceBackend):
 async def _shutdown(engine: AsyncLLM) -> None:
     """Shut ``engine`` down on its own loop (its output task lives there)."""
     engine.shutdown()
-
-
-def _cpu_has_native_bf16() -> bool:
-    import torch
-
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def _torch_dtype(dtype: str, model_path: Path) -> torch.dtype:

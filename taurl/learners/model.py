@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from taurl.errors import ConfigError, ModelError
 from taurl.learners.config import LoraConfig
+from taurl.models import cpu_has_native_bf16
 
 
 def pick_device(name: str) -> torch.device:
@@ -31,11 +32,6 @@ def pick_device(name: str) -> torch.device:
     except RuntimeError as e:
         raise ConfigError(f"learner.device {name!r} is not a torch device ({e}); use auto, cpu "
                           "or cuda") from e
-
-
-def cpu_has_native_bf16() -> bool:
-    """True when this CPU computes bf16 matmuls natively (AVX512-BF16 or AMX)."""
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def pick_autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
