@@ -251,6 +251,13 @@ class VLLMBackend(InferenceBackend):
         finally:
             await engine.resume_generation()
 
+    async def reset_prefix_cache(self) -> None:
+        """Drop the engine's cached prefixes (weight updates do this themselves).
+
+        For measurements that must not profit from an earlier run's cache.
+        """
+        await self._loop.run(self._require_engine().reset_prefix_cache())
+
     # -- lifecycle -----------------------------------------------------------------
 
     def _require_engine(self) -> AsyncLLM:
