@@ -9,6 +9,9 @@ from taurl.errors import ConfigError
 from taurl.learners.options import AlgorithmOptions, resolve
 from taurl.learners.presets import get_preset
 
+#: Data-parallel strategies under ``torchrun`` (``learner.parallel``).
+PARALLEL = ("ddp", "fsdp2")
+
 
 @dataclass
 class LoraConfig:
@@ -52,6 +55,8 @@ class LearnerConfig:
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
     lora: LoraConfig = field(default_factory=LoraConfig)  # LoRA adapters (rank 0 = off)
     seed: int = 0  # seeds the minibatch shuffling
+    # under torchrun with N > 1 processes: ddp (replicate the model) | fsdp2 (shard it)
+    parallel: Literal["ddp", "fsdp2"] = "ddp"
 
     def __post_init__(self) -> None:
         get_preset(self.algorithm)
@@ -75,6 +80,17 @@ class LearnerConfig:
         if self.logprob_chunk_tokens < 1:
             raise ConfigError(
                 f"learner.logprob_chunk_tokens must be >= 1, got {self.logprob_chunk_tokens}"
+            )
+        if self.parallel not in PARALLEL:
+            raise ConfigError(
+                f"learner.parallel must be one of {', '.join(PARALLEL)}, got {self.parallel!r}; "
+                "ddp replicates the model on every process, fsdp2 shards it (for models that do "
+                "not fit one device); it matters only under torchrun with more than one process"
+            )
+        if self.parallel == "fsdp2" and self.lora.rank:
+            raise ConfigError(
+                "learner.parallel=fsdp2 does not support LoRA (lora.rank > 0); use "
+                "parallel=ddp, whose replicated adapters and optimizer state are small"
             )
         self.resolved_options()
 

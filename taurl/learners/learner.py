@@ -17,10 +17,20 @@ packed by a token budget, with the policy loss (the trajectory side,
 When the algorithm takes a single step per batch and nothing else needs it, step
 (1) is skipped: the ratio's denominator is the training forward's own log-prob,
 detached, which is the same number (θ_old = θ before the only step).
+
+Under ``torchrun`` with N processes (:mod:`taurl.learners.distributed`) every rank
+gets the same whole batch: advantages and the loss normalisers are the whole
+batch's, as alone, but each rank scores and back-propagates only its shard of the
+rows (:func:`~taurl.learners.distributed.shard_rows`). The trained modules are
+wrapped with DDP (``parallel: ddp``) or sharded with FSDP2 (``parallel: fsdp2``);
+both average gradients over ranks, so each rank's loss is scaled by N and the sum of
+the shards' gradients is exactly the one-process gradient. Metrics are reduced over
+the ranks, so every rank returns the whole batch's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -29,10 +39,12 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
+from taurl.errors import ConfigError
 from taurl.learners import advantages as A
+from taurl.learners import distributed as D
 from taurl.learners import losses as L
 from taurl.learners.batch import (
     TEACHER_LOGPROBS_KEY,
@@ -80,14 +92,49 @@ class _Scores:
     teacher_logp: torch.Tensor | None = None
 
 
+class TrainedModules(nn.Module):
+    """The modules the optimizer trains, as one module: what DDP wraps and FSDP2 shards.
+
+    Its ``forward`` is the whole training forward, so that DDP's and FSDP2's hooks see
+    every trained parameter used (calling submodules directly would bypass them). The
+    submodules are named ``policy``, ``value_head`` and ``critic``: checkpoint keys.
+    """
+
+    def __init__(self, policy: nn.Module, value_head: nn.Module | None,
+                 critic: ValueModel | None) -> None:
+        super().__init__()
+        self.policy = policy
+        self.value_head = value_head
+        self.critic = critic
+
+    def forward(
+        self, input_ids_B_T: torch.Tensor, mask_B_T: torch.Tensor, chunk_tokens: int,
+        entropy_grad: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(logp_B_T, entropy_B_T, values_B_T | None)``, float32, as :func:`policy_forward`."""
+        out = policy_forward(self.policy, input_ids_B_T, mask_B_T, chunk_tokens,
+                             self.value_head, entropy_grad=entropy_grad)
+        values = self.critic(input_ids_B_T) if self.critic is not None else out.values_B_T
+        return out.logp_B_T, out.entropy_B_T, values
+
+
 class Learner:
-    """Updates a causal LM policy from Trajectories with one algorithm preset."""
+    """Updates a causal LM policy from Trajectories with one algorithm preset.
+
+    Under ``torchrun`` every rank builds one with the same config and calls the same
+    methods in the same order: :meth:`update` with the same trajectories,
+    :meth:`state_dict_for_sync`, :meth:`save` and :meth:`load` (collectives under
+    FSDP2; only rank 0 gets weights and writes files).
+    """
 
     def __init__(self, config: LearnerConfig, model_path: str | Path) -> None:
         self.config = config
         self.options = o = config.resolved_options()
         self.model_path = str(model_path)
-        self.device = pick_device(config.device)
+        D.init_process_group()
+        self.world_size, self.rank = D.world_size(), D.rank()
+        self.parallel = config.parallel if self.world_size > 1 else "none"
+        self.device = D.local_device(pick_device(config.device))
         self.amp_dtype = pick_autocast_dtype(config.dtype, self.device)
         self.policy_version = 0  # optimizer steps taken: the version the weights sync as
         self._shuffle = torch.Generator().manual_seed(config.seed)
@@ -127,12 +174,19 @@ class Learner:
         if o.teacher == "privileged":
             self.tokenizer = load_tokenizer(self.model_path)
 
-        self._modules = nn.ModuleDict({"policy": self.model})
-        if self.value_head is not None:
-            self._modules["value_head"] = self.value_head
-        if self.critic is not None:
-            self._modules["critic"] = self.critic
-        critic_params = [p for k, m in self._modules.items() if k != "policy"
+        self._modules = TrainedModules(self.model, self.value_head, self.critic)
+        # The module the training forward runs through: DDP's wrapper, or the modules
+        # themselves (alone, or sharded in place by FSDP2). Scoring never needs DDP.
+        self._train_forward: nn.Module = self._modules
+        if self.parallel == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
+
+            gpu = [self.device.index] if self.device.type == "cuda" else None
+            self._train_forward = DistributedDataParallel(self._modules, device_ids=gpu,
+                                                          forward_sync_buffers=False)
+        elif self.parallel == "fsdp2":
+            self._fully_shard()
+        critic_params = [p for m in (self.value_head, self.critic) if m is not None
                          for p in m.parameters()]
         groups = [{"params": [p for p in self.model.parameters() if p.requires_grad],
                    "lr": config.lr}]
@@ -175,12 +229,17 @@ class Learner:
         sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
         weights: dict[str, float] = defaultdict(float)
         lengths = batch.lengths_B.tolist()
+        grad_norms = []
         for _ in range(o.epochs):
             order = torch.randperm(batch.size, generator=self._shuffle).tolist()
             for rows in split_minibatches(order, o.minibatches):
-                self._step(batch, rows, lengths, adv, returns, value_mask, scores, sums, weights)
+                grad_norms.append(self._step(batch, rows, lengths, adv, returns, value_mask,
+                                             scores, sums, weights))
+        sums, weights = D.reduce_metric_sums(sums, weights)
         for k, v in sums.items():
             metrics[k] = (v.item() if k.endswith("_max") else v.item() / max(weights[k], 1e-12))
+        # every rank clips the same (reduced) gradient: its norm is already the batch's
+        metrics["traj/grad_norm"] = torch.stack(grad_norms).mean().item()
         elapsed = time.perf_counter() - start
         tokens = int(batch.lengths_B.sum().item())
         metrics.update({
@@ -195,16 +254,44 @@ class Learner:
         """The policy's weights under Hugging Face names (LoRA merged), for the inference engine.
 
         ``dtype`` converts them (e.g. ``torch.bfloat16`` for a bf16 engine); tied
-        weights appear once.
+        weights appear once. Under torchrun every rank calls it (FSDP2 gathers the
+        shards) and ranks other than 0 get ``{}``.
         """
-        return export_state_dict(self.model, dtype)
+        if self.parallel != "fsdp2":
+            return export_state_dict(self.model, dtype) if D.is_main() else {}
+        full = D.full_state_dict(self._modules)
+        if not D.is_main():
+            return {}
+        out: dict[str, torch.Tensor] = {}
+        seen: set[int] = set()
+        for k, v in full.items():
+            if k.startswith("policy.") and id(v) not in seen:  # tied weights: once
+                seen.add(id(v))
+                out[k.removeprefix("policy.")] = v.to(dtype=dtype or v.dtype).clone()
+        return out
 
     def save(self, directory: str | Path) -> None:
-        """Write a checkpoint: weights (safetensors), optimizer, RNG states and step."""
-        d = Path(directory)
+        """Write a checkpoint: weights (safetensors), optimizer, RNG states and step.
+
+        Under torchrun every rank calls it (FSDP2 gathers the shards); rank 0 writes,
+        in the same format as a single process (a checkpoint resumes with any number
+        of processes), and every rank returns once the files are complete.
+        """
+        gathered = self._gather_fsdp_state() if self.parallel == "fsdp2" else None
+        if D.is_main():
+            self._write(Path(directory), gathered)
+        D.barrier()
+
+    def _write(self, d: Path,
+               gathered: tuple[dict[str, torch.Tensor], dict[str, object]] | None) -> None:
+        """Write :meth:`save`'s files; ``gathered``: FSDP2's full weights and optimizer."""
         d.mkdir(parents=True, exist_ok=True)
-        save_model(self._modules, str(d / "model.safetensors"))
-        torch.save(self.optimizer.state_dict(), d / "optimizer.pt")
+        if gathered is None:
+            save_model(self._modules, str(d / "model.safetensors"))
+            torch.save(self.optimizer.state_dict(), d / "optimizer.pt")
+        else:
+            save_file(gathered[0], str(d / "model.safetensors"), metadata={"format": "pt"})
+            torch.save(gathered[1], d / "optimizer.pt")
         rng = {"torch": torch.get_rng_state(), "shuffle": self._shuffle.get_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -219,10 +306,12 @@ class Learner:
         if not (d / _STATE_FILE).is_file():
             raise FileNotFoundError(f"{d} holds no {_STATE_FILE}; is it a Learner.save() folder?")
         state = json.loads((d / _STATE_FILE).read_text())
-        load_model(self._modules, str(d / "model.safetensors"), device=str(self.device))
-        self.optimizer.load_state_dict(
-            torch.load(d / "optimizer.pt", map_location=self.device, weights_only=True)
-        )
+        optimizer = torch.load(d / "optimizer.pt", map_location=self.device, weights_only=True)
+        if self.parallel == "fsdp2":
+            self._load_fsdp_state(load_file(d / "model.safetensors"), optimizer)
+        else:
+            load_model(self._modules, str(d / "model.safetensors"), device=str(self.device))
+            self.optimizer.load_state_dict(optimizer)
         rng = torch.load(d / "rng.pt", weights_only=True)
         torch.set_rng_state(rng["torch"])
         self._shuffle.set_state(rng["shuffle"])
@@ -304,19 +393,23 @@ class Learner:
         elif o.teacher != "none":
             s.teacher_logp = zeros()
         self._modules.eval()
-        all_rows = list(range(B))
-        for micro in pack_micro_batches(all_rows, batch.lengths_B.tolist(), cfg.micro_batch_tokens):
+        # Each rank scores its shard; the rows it did not score stay 0 and the sum over
+        # ranks below fills them. FSDP2 needs every rank in every policy forward.
+        micros = self._micro_batches(
+            list(range(B)), batch.lengths_B.tolist(),
+            lockstep=self.parallel == "fsdp2" and s.old_logp is not None)
+        for micro, real in micros:
             idx, W = batch.rows(micro), batch.width(micro)
             ids, mask = batch.input_ids_B_T[idx, :W], batch.mask_B_T[idx, :W]
             with autocast(self.device, self.amp_dtype):
                 if s.old_logp is not None:
-                    out = policy_forward(self.model, ids, mask, cfg.logprob_chunk_tokens,
-                                         self.value_head)
-                    s.old_logp[idx, :W] = out.logp_B_T
-                    if out.values_B_T is not None:
-                        s.values[idx, :W] = out.values_B_T
-                if self.critic is not None:
-                    s.values[idx, :W] = self.critic(ids)
+                    logp, _, values = self._modules(ids, mask, cfg.logprob_chunk_tokens)
+                    if real:
+                        s.old_logp[idx, :W] = logp
+                    if real and values is not None:
+                        s.values[idx, :W] = values
+                if not real:
+                    continue
                 if s.ref_logp is not None:
                     with adapter_disabled(self.model):
                         ref = self.ref_model or self.model
@@ -325,6 +418,11 @@ class Learner:
                 if self.teacher_model is not None:
                     s.teacher_logp[idx, :W] = policy_forward(
                         self.teacher_model, ids, mask, cfg.logprob_chunk_tokens).logp_B_T
+        for t in (s.old_logp, s.values, s.ref_logp):
+            if t is not None:
+                D.all_reduce_(t)
+        if self.teacher_model is not None:
+            D.all_reduce_(s.teacher_logp)
         if o.teacher == "privileged":
             s.teacher_logp = self._privileged_logprobs(batch, trajs)
         return s
@@ -342,22 +440,24 @@ class Learner:
             n = int(batch.lengths_B[b])
             mask[b, off : off + n] = batch.mask_B_T[b, :n]
         out = torch.zeros(len(rows), L_max, device=self.device)
-        base = self.ref_model or self.model
-        for micro in pack_micro_batches(list(range(len(rows))), widths,
-                                        self.config.micro_batch_tokens):
+        base = self.ref_model or self.model  # never sharded: no lockstep needed
+        for micro, _ in self._micro_batches(list(range(len(rows))), widths, lockstep=False):
             idx = torch.tensor(micro, device=self.device)
             W = max(widths[i] for i in micro)
             with autocast(self.device, self.amp_dtype), adapter_disabled(self.model):
                 out[idx, :W] = policy_forward(base, ids[idx, :W], mask[idx, :W],
                                               self.config.logprob_chunk_tokens).logp_B_T
-        return align_to_student(out, offsets, batch.input_ids_B_T.shape[1])
+        return align_to_student(D.all_reduce_(out), offsets, batch.input_ids_B_T.shape[1])
 
     # -- trajectory side: one optimizer step --------------------------------------------
 
     def _step(self, batch: Batch, rows: list[int], lengths: list[int], adv: torch.Tensor,
               returns: torch.Tensor | None, value_mask: torch.Tensor | None, scores: _Scores,
-              sums: dict[str, torch.Tensor], weights: dict[str, float]) -> None:
-        """Accumulate the minibatch ``rows`` over micro-batches, clip, and take one AdamW step."""
+              sums: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
+        """Accumulate the minibatch ``rows`` over micro-batches, clip, and take one AdamW step.
+
+        Returns the gradient norm before clipping (float32 scalar).
+        """
         cfg = self.config
         self._modules.train()
         self.optimizer.zero_grad(set_to_none=True)
@@ -367,8 +467,7 @@ class Learner:
         grad_norm = nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
         self.optimizer.step()
         self.policy_version += 1
-        sums["traj/grad_norm"] += grad_norm.detach().float()
-        weights["traj/grad_norm"] += 1.0
+        return D.plain(grad_norm).detach().float()
 
     def _backward_minibatch(self, batch: Batch, rows: list[int], lengths: list[int],
                             adv: torch.Tensor, returns: torch.Tensor | None,
@@ -380,39 +479,180 @@ class Learner:
         num_value = 0
         if value_mask is not None:
             num_value = int(value_mask[batch.rows(rows)].sum().item())
-        for micro in pack_micro_batches(rows, lengths, cfg.micro_batch_tokens):
+        micros = self._micro_batches(rows, lengths, lockstep=True)
+        for i, (micro, real) in enumerate(micros):
             idx, W = batch.rows(micro), batch.width(micro)
             ids, mask = batch.input_ids_B_T[idx, :W], batch.mask_B_T[idx, :W]
-            with autocast(self.device, self.amp_dtype):
-                out = policy_forward(self.model, ids, mask, cfg.logprob_chunk_tokens,
-                                     self.value_head, entropy_grad=o.entropy_coef > 0)
-                values = self.critic(ids) if self.critic is not None else out.values_B_T
-            logp = out.logp_B_T
-            old = scores.old_logp[idx, :W] if scores.old_logp is not None else logp.detach()
-            w, m = L.tis_weights(old, batch.sampler_logp_B_T[idx, :W], mask, o.tis_cap or None)
-            pg, pg_m = self.policy_loss(logp, old, adv[idx, :W], mask, self.loss_params)
-            m.update(pg_m)
-            per_token = pg * w
-            if o.kl_coef > 0 and o.kl_in == "loss":
-                kl = L.kl_penalty(logp, scores.ref_logp[idx, :W], mask, o.kl_estimator)
-                per_token = per_token + o.kl_coef * kl
-                m["traj/kl_ref"] = L.masked_mean(kl.detach(), mask)
-            if o.entropy_coef > 0:
-                per_token = per_token - o.entropy_coef * out.entropy_B_T
-            loss = L.aggregate(per_token, mask, o.loss_agg, num_tokens, num_seqs, norm_len)
-            m["traj/policy_loss"] = loss.detach() * num_tokens / max(mask.sum().item(), 1)
-            if values is not None and returns is not None and value_mask is not None:
-                vmask = value_mask[idx, :W]
-                vl, vm = L.value_loss(values, scores.values[idx, :W], returns[idx, :W], vmask,
-                                      o.value_clip or None)
-                loss = loss + o.vf_coef * L.aggregate(vl, vmask, "token-mean", num_value, 1, 1)
-                m.update(vm)
-            loss.backward()
-            m["traj/entropy"] = L.masked_mean(out.entropy_B_T.detach(), mask)
-            n = float(mask.sum().item())
-            for k, v in m.items():
+            with self._grad_sync(last=i == len(micros) - 1):
+                with autocast(self.device, self.amp_dtype):
+                    logp, entropy, values = self._train_forward(
+                        ids, mask, cfg.logprob_chunk_tokens, o.entropy_coef > 0)
+                loss, m = self._micro_loss(batch, idx, W, logp, entropy, values, adv, returns,
+                                           value_mask, scores, num_tokens, num_seqs, norm_len,
+                                           num_value)
+                # DDP and FSDP2 average over ranks: × N makes it the sum of the shards'
+                # gradients. A placeholder (× 0) only keeps the ranks' collectives in step.
+                scale = float(self.world_size) if real else 0.0
+                (loss * scale if scale != 1.0 else loss).backward()
+            m["traj/entropy"] = L.masked_mean(entropy.detach(), mask)
+            n = float(mask.sum().item()) if real else 0.0
+            for k, v in m.items():  # a placeholder adds its keys (every rank reduces the same)
                 if k.endswith("_max"):
-                    sums[k] = torch.maximum(sums[k], v.detach().float())
+                    sums[k] = torch.maximum(sums[k], v.detach().float()) if real else sums[k]
                 else:
                     sums[k] += v.detach().float() * n
                     weights[k] += n
+
+    def _micro_loss(
+        self, batch: Batch, idx: torch.Tensor, W: int, logp: torch.Tensor,
+        entropy: torch.Tensor, values: torch.Tensor | None, adv: torch.Tensor,
+        returns: torch.Tensor | None, value_mask: torch.Tensor | None, scores: _Scores,
+        num_tokens: int, num_seqs: int, norm_len: int, num_value: int,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One micro-batch's share of the minibatch loss (global denominators) and its metrics."""
+        o = self.options
+        mask = batch.mask_B_T[idx, :W]
+        old = scores.old_logp[idx, :W] if scores.old_logp is not None else logp.detach()
+        w, m = L.tis_weights(old, batch.sampler_logp_B_T[idx, :W], mask, o.tis_cap or None)
+        pg, pg_m = self.policy_loss(logp, old, adv[idx, :W], mask, self.loss_params)
+        m.update(pg_m)
+        per_token = pg * w
+        if o.kl_coef > 0 and o.kl_in == "loss":
+            kl = L.kl_penalty(logp, scores.ref_logp[idx, :W], mask, o.kl_estimator)
+            per_token = per_token + o.kl_coef * kl
+            m["traj/kl_ref"] = L.masked_mean(kl.detach(), mask)
+        if o.entropy_coef > 0:
+            per_token = per_token - o.entropy_coef * entropy
+        loss = L.aggregate(per_token, mask, o.loss_agg, num_tokens, num_seqs, norm_len)
+        m["traj/policy_loss"] = loss.detach() * num_tokens / max(mask.sum().item(), 1)
+        if values is not None and returns is not None and value_mask is not None:
+            vmask = value_mask[idx, :W]
+            vl, vm = L.value_loss(values, scores.values[idx, :W], returns[idx, :W], vmask,
+                                  o.value_clip or None)
+            loss = loss + o.vf_coef * L.aggregate(vl, vmask, "token-mean", num_value, 1, 1)
+            m.update(vm)
+        return loss, m
+
+    # -- data parallelism (torchrun) ----------------------------------------------------
+
+    def _micro_batches(self, rows: list[int], widths: list[int],
+                       lockstep: bool) -> list[tuple[list[int], bool]]:
+        """This rank's micro-batches of ``rows``, each with True when real.
+
+        Alone: all ``rows``, packed by the token budget. Under torchrun: this rank's
+        shard of them (:func:`~taurl.learners.distributed.shard_rows`). A pass that runs
+        collectives (``lockstep``: backward under DDP or FSDP2, a policy forward under
+        FSDP2) needs every rank in it, so a rank with fewer micro-batches adds
+        placeholders (the shortest row, results thrown away): one per step for DDP's
+        gradient all-reduce, as many as the busiest rank has for FSDP2's gathers.
+
+        Args:
+            rows: row indices into the batch.
+            widths: padded length of every row (indexed by row).
+            lockstep: the pass runs collectives.
+        """
+        budget = self.config.micro_batch_tokens
+        if self.world_size == 1:
+            return [(micro, True) for micro in pack_micro_batches(rows, widths, budget)]
+        packs = [pack_micro_batches(shard, widths, budget)
+                 for shard in D.shard_rows(rows, widths, self.world_size)]
+        mine = [(micro, True) for micro in packs[self.rank]]
+        if not lockstep:
+            need = 0
+        elif self.parallel == "fsdp2":
+            need = max(len(p) for p in packs)
+        else:
+            need = 1
+        placeholder = [min(rows, key=lambda r: (widths[r], r))]
+        return mine + [(placeholder, False)] * (need - len(mine))
+
+    def _grad_sync(self, last: bool) -> contextlib.AbstractContextManager:
+        """Reduce gradients over ranks only in the last micro-batch's backward of a step."""
+        if self.parallel == "ddp" and not last:
+            return self._train_forward.no_sync()
+        if self.parallel == "fsdp2":
+            self._modules.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+
+    def _fully_shard(self) -> None:
+        """FSDP2: shard each transformer block (policy and critic), then the rest as the root."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        blocks = set(getattr(self.model, "_no_split_modules", None) or ())
+        if not blocks:
+            raise ConfigError(
+                f"learner.parallel=fsdp2 shards a model block by block, but "
+                f"{type(self.model).__name__} names no blocks (_no_split_modules); use "
+                "parallel=ddp for this model"
+            )
+        mesh = init_device_mesh(self.device.type, (self.world_size,))
+        for module in list(self._modules.modules()):
+            if type(module).__name__ in blocks:
+                fully_shard(module, mesh=mesh)
+        fully_shard(self._modules, mesh=mesh)
+
+    def _param_names(self) -> list[str]:
+        """The optimizer's parameters' names in ``self._modules``, in the optimizer's order."""
+        names = {id(p): n for n, p in self._modules.named_parameters()}
+        return [names[id(p)] for g in self.optimizer.param_groups for p in g["params"]]
+
+    def _gather_fsdp_state(self) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
+        """FSDP2, every rank: full weights and optimizer state as a single process saves them.
+
+        Weights: tied tensors once, under the name ``safetensors.save_model`` keeps.
+        Optimizer: ``torch.optim`` state-dict format (parameters numbered). Both empty
+        off rank 0.
+        """
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+        )
+
+        full = D.full_state_dict(self._modules)
+        by_name = get_optimizer_state_dict(
+            self._modules, self.optimizer,
+            options=StateDictOptions(full_state_dict=True, cpu_offload=True),
+        )
+        if not D.is_main():
+            return {}, {}
+        tied: dict[int, list[str]] = defaultdict(list)
+        for k, v in full.items():
+            tied[id(v)].append(k)
+        weights = {min(ks): full[ks[0]].contiguous() for ks in tied.values()}
+        index = {n: i for i, n in enumerate(self._param_names())}
+        optimizer = {
+            "state": {index[n]: st for n, st in by_name["state"].items()},
+            "param_groups": [{**g, "params": [index[n] for n in g["params"]]}
+                             for g in by_name["param_groups"]],
+        }
+        return weights, optimizer
+
+    def _load_fsdp_state(self, weights: dict[str, torch.Tensor],
+                         optimizer: dict[str, object]) -> None:
+        """FSDP2, every rank: load full weights and optimizer state into this rank's shards."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        tied: dict[int, list[str]] = defaultdict(list)
+        for k, v in self._modules.state_dict(keep_vars=True).items():
+            tied[id(v)].append(k)
+        full = {}
+        for ks in tied.values():
+            saved = [k for k in ks if k in weights]
+            if not saved:
+                raise ConfigError(f"the checkpoint has no weights for {ks[0]}; was it saved by a "
+                                  "learner with the same algorithm and model?")
+            full.update(dict.fromkeys(ks, weights[saved[0]]))
+        options = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(self._modules, full, options=options)
+        names = self._param_names()
+        by_name = {
+            "state": {names[i]: st for i, st in optimizer["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]}
+                             for g in optimizer["param_groups"]],
+        }
+        set_optimizer_state_dict(self._modules, self.optimizer, by_name, options=options)
