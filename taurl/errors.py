@@ -32,3 +32,11 @@ class EnvError(TaurlError):
 
 class BackendError(TaurlError):
     """An inference backend failed in a way retries could not fix."""
+
+
+class EnvWorkerLost(TaurlError):
+    """The process holding an environment died mid-episode, and the environment's state with it.
+
+    Not the environment's fault: the rollout runner re-runs the episode from ``reset``
+    (same seeds) on a restarted worker instead of recording an ``"error"`` episode.
+    """

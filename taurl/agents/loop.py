@@ -15,7 +15,9 @@ How an episode ends (``Trajectory.termination``):
   within :attr:`AgentConfig.max_context_tokens` (each turn's ``max_tokens`` is also
   clipped to what fits, so the backend never sees a request it must refuse);
 - ``"error"``: the environment raised (in ``reset`` or ``step``), or the backend
-  aborted the request; the message is in ``info["error"]``. Never an exception.
+  aborted the request; the message is in ``info["error"]``. Never an exception —
+  except :class:`~taurl.errors.EnvWorkerLost`: the process holding the environment
+  died, which is no fault of the episode, and the caller plays it again.
 
 A turn cut by ``max_tokens`` (no EOS sampled) is closed by the bridge with the
 template's EOS text as non-sampled tokens (mask 0), so the stream stays a valid
@@ -40,6 +42,7 @@ import gymnasium
 
 from taurl.agents.backend import InferenceBackend
 from taurl.agents.chat import BridgeMethod, ChatRenderer
+from taurl.errors import EnvWorkerLost
 from taurl.types import JSONValue, Message, SamplingParams, Termination, Trajectory
 
 if TYPE_CHECKING:
@@ -168,6 +171,8 @@ class Agent:
 
         try:
             obs, reset_info = await self._env_call(ep, executor, env.reset, seed=seed, options=options)
+        except EnvWorkerLost:
+            raise
         except Exception as exc:  # noqa: BLE001 - an env fault ends its episode, not the run
             termination = "error"
             ep.info["error"] = f"env.reset failed: {_error_text(exc)}"
@@ -212,6 +217,8 @@ class Agent:
                 obs, reward, terminated, truncated, step_info = await self._env_call(
                     ep, executor, env.step, content
                 )
+            except EnvWorkerLost:
+                raise
             except Exception as exc:  # noqa: BLE001 - an env fault ends its episode, not the run
                 ep.rewards.append(0.0)
                 termination = "error"

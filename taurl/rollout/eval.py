@@ -22,7 +22,7 @@ from taurl.agents.loop import Agent, AgentConfig
 from taurl.envs.base import SPLITS
 from taurl.rollout.grouping import group_trajectories
 from taurl.rollout.metrics import EvalMetrics, paired_diff_ci, summarize
-from taurl.rollout.runner import RolloutConfig, run_rollout
+from taurl.rollout.runner import EnvFactory, RolloutConfig, run_rollout
 from taurl.types import JSONValue, SamplingParams, Trajectory
 
 
@@ -98,8 +98,13 @@ class Comparison:
     success_diff_ci95: float  # half-width of its 95% interval
 
 
-async def evaluate(agent: Agent, config: EvalConfig) -> dict[str, EnvResult]:
-    """Run ``config`` with ``agent``; one :class:`EnvResult` per environment id, in order."""
+async def evaluate(
+    agent: Agent, config: EvalConfig, *, make_env: EnvFactory | None = None
+) -> dict[str, EnvResult]:
+    """Run ``config`` with ``agent``; one :class:`EnvResult` per environment id, in order.
+
+    ``make_env`` builds the environments (default ``gymnasium.make``; see :func:`run_rollout`).
+    """
     results: dict[str, EnvResult] = {}
     for env_id in config.envs:
         rollout = RolloutConfig(
@@ -114,7 +119,7 @@ async def evaluate(agent: Agent, config: EvalConfig) -> dict[str, EnvResult]:
             progress=config.progress,
             agent=config.agent,
         )
-        out = await run_rollout(agent, rollout)
+        out = await run_rollout(agent, rollout, make_env=make_env)
         results[env_id] = EnvResult(
             metrics=summarize(out.trajectories, out.summary.wall_s, env_id=env_id),
             trajectories=out.trajectories,

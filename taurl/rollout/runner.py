@@ -12,6 +12,12 @@ task_offset + i)`` — the same for its G samples, which form one group — and 
 A crash in an environment (or in making one) marks that episode ``"error"`` with the
 message in ``info["error"]`` and the run goes on; the summary counts them. An error of
 the backend itself ends the run (every episode would fail the same way).
+
+Environments come from ``gymnasium.make`` unless ``make_env`` says otherwise (e.g. a
+pool of Ray env workers, :mod:`taurl.rollout.ray_envs`). When the process holding an
+episode's environment dies (:class:`~taurl.errors.EnvWorkerLost`), the episode is
+played again from ``reset`` with the same seeds and its partial trajectory dropped:
+no episode is lost or counted twice (``info["env_restarts"]`` says how often).
 """
 
 from __future__ import annotations
@@ -23,14 +29,25 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Protocol
 
 import gymnasium
 
 import taurl.envs  # noqa: F401 - registers the built-in environments with Gymnasium
 from taurl.agents.loop import Agent, AgentConfig, derive_seed
 from taurl.envs.base import SPLITS
+from taurl.errors import EnvWorkerLost
 from taurl.types import TERMINATIONS, JSONValue, Trajectory
+
+#: Times one episode is played again after its environment's process died, before it
+#: is recorded as an ``"error"`` episode.
+MAX_ENV_RESTARTS = 8
+
+
+class EnvFactory(Protocol):
+    """Makes an environment the way ``gymnasium.make(env_id, **kwargs)`` does."""
+
+    def __call__(self, env_id: str, /, **kwargs: JSONValue) -> gymnasium.Env: ...
 
 
 @dataclass
@@ -146,6 +163,7 @@ async def run_rollout(
     *,
     output: str | Path | None = None,
     on_trajectory: Callable[[Trajectory], None] | None = None,
+    make_env: EnvFactory | None = None,
 ) -> RolloutResult:
     """Run ``num_tasks × samples_per_task`` episodes with up to ``max_in_flight`` at once.
 
@@ -154,6 +172,7 @@ async def run_rollout(
         config: Which env, split, tasks and how many in flight.
         output: A JSONL file; each trajectory is appended (and flushed) as it finishes.
         on_trajectory: Called with each trajectory as it finishes (e.g. a streaming learner).
+        make_env: Builds each episode's environment (default ``gymnasium.make``).
     """
     slots = asyncio.Semaphore(config.max_in_flight)
     executor = ThreadPoolExecutor(max_workers=config.env_workers, thread_name_prefix="taurl-env")
@@ -170,10 +189,10 @@ async def run_rollout(
     sink: IO[str] | None = open(output, "w", encoding="utf-8") if output is not None else None  # noqa: SIM115, ASYNC230
     t_start = time.perf_counter()
 
-    def make_env() -> gymnasium.Env:
-        return gymnasium.make(
-            config.env_id, split=config.split, disable_env_checker=True, **config.env_kwargs
-        )
+    make: EnvFactory = make_env or gymnasium.make  # type: ignore[assignment]
+
+    def new_env() -> gymnasium.Env:
+        return make(config.env_id, split=config.split, disable_env_checker=True, **config.env_kwargs)
 
     async def one(i: int, j: int) -> None:
         nonlocal sampled_tokens
@@ -181,26 +200,43 @@ async def run_rollout(
         seed = task_seed(config.seed, config.env_id, config.split, task_index)
         group_id = group_id_of(config.env_id, config.split, task_index, seed)
         loop = asyncio.get_running_loop()
-        async with slots:
+
+        async def play() -> Trajectory:
             try:
-                env = await loop.run_in_executor(executor, make_env)
+                env = await loop.run_in_executor(executor, new_env)
+            except EnvWorkerLost:
+                raise
             except Exception as exc:  # noqa: BLE001 - a broken env ends its episode, not the run
-                traj = _error_trajectory(
+                return _error_trajectory(
                     config.env_id, group_id, seed, int(agent.backend.policy_version),
                     f"gymnasium.make({config.env_id!r}) failed: {type(exc).__name__}: {exc}",
                 )
-            else:
+            try:
+                return await agent.run_episode(
+                    env,
+                    seed=seed,
+                    sample_seed=derive_seed(config.seed, config.env_id, config.split, task_index, j),
+                    env_id=config.env_id,
+                    group_id=group_id,
+                    executor=executor,
+                )
+            finally:
+                await loop.run_in_executor(executor, env.close)
+
+        async with slots:
+            for restarts in range(MAX_ENV_RESTARTS + 1):
                 try:
-                    traj = await agent.run_episode(
-                        env,
-                        seed=seed,
-                        sample_seed=derive_seed(config.seed, config.env_id, config.split, task_index, j),
-                        env_id=config.env_id,
-                        group_id=group_id,
-                        executor=executor,
+                    traj = await play()
+                except EnvWorkerLost as exc:
+                    if restarts < MAX_ENV_RESTARTS:
+                        continue  # the environment's state is gone: play the episode again
+                    traj = _error_trajectory(
+                        config.env_id, group_id, seed, int(agent.backend.policy_version),
+                        f"the environment's worker died {restarts + 1} times; last: {exc}",
                     )
-                finally:
-                    await loop.run_in_executor(executor, env.close)
+                if restarts:
+                    traj.info["env_restarts"] = restarts
+                break
         results[(i, j)] = traj
         sampled_tokens += traj.num_sampled_tokens
         if sink is not None:

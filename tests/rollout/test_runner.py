@@ -14,10 +14,11 @@ from transformers import AutoTokenizer
 
 from taurl.agents.loop import Agent, AgentConfig
 from taurl.envs import register_env
+from taurl.errors import EnvWorkerLost
 from taurl.rollout.commands import EvalCommand, run_eval_command
 from taurl.rollout.eval import EvalConfig
 from taurl.rollout.grouping import group_trajectories
-from taurl.rollout.runner import RolloutConfig, run_rollout, task_seed
+from taurl.rollout.runner import MAX_ENV_RESTARTS, RolloutConfig, run_rollout, task_seed
 from taurl.types import SamplingParams, read_jsonl
 
 pytestmark = pytest.mark.vllm
@@ -108,6 +109,57 @@ def test_no_lockstep_a_finished_episode_frees_its_slot(vllm_tiny, tokenizer):
     order = []
     asyncio.run(run_rollout(Agent(vllm_tiny, tokenizer, cfg.agent), cfg, on_trajectory=lambda t: order.append(t.seed)))
     assert order[-1] == slow and len(order) == 4
+
+
+class LosesItsWorker(gymnasium.Wrapper):
+    """Stands in for an env in a worker process that dies: ``step`` raises EnvWorkerLost.
+
+    ``doomed_seed``: every episode of that task loses its worker on reset, each time it is
+    tried; other episodes lose it on their second step while ``budget[0] > 0``.
+    """
+
+    def __init__(self, env, budget, doomed_seed):
+        super().__init__(env)
+        self.budget, self.doomed_seed, self.steps = budget, doomed_seed, 0
+
+    def reset(self, *, seed=None, options=None):
+        if seed == self.doomed_seed:
+            raise EnvWorkerLost("worker gone (reset)")
+        return self.env.reset(seed=seed, options=options)
+
+    def step(self, action):
+        self.steps += 1
+        if self.steps == 2 and self.budget[0] > 0:
+            self.budget[0] -= 1
+            raise EnvWorkerLost("worker gone (step)")
+        return self.env.step(action)
+
+
+def test_episodes_whose_env_worker_died_are_played_again_exactly_once(vllm_tiny, tokenizer):
+    cfg = RolloutConfig(env_id="taurl/GuessNumber-v0", num_tasks=3, samples_per_task=2, seed=5,
+                        progress=False, agent=agent_config(max_turns=3))
+    agent = Agent(vllm_tiny, tokenizer, cfg.agent)
+    reference = asyncio.run(run_rollout(agent, cfg)).trajectories
+    doomed = task_seed(5, "taurl/GuessNumber-v0", "train", 2)
+    budget = [3]
+    made = []
+
+    def make_env(env_id, /, **kwargs):
+        made.append(env_id)
+        return LosesItsWorker(gymnasium.make(env_id, **kwargs), budget, doomed)
+
+    seen = []
+    result = asyncio.run(run_rollout(agent, cfg, make_env=make_env, on_trajectory=seen.append))
+    trajs = result.trajectories
+    assert len(seen) == len(trajs) == 6 and budget == [0]
+    # the partial episodes were dropped and played again with the same seeds
+    for got, want in zip(trajs[:4], reference[:4], strict=True):
+        assert got.termination != "error" and got.token_ids == want.token_ids
+    assert sum(t.info.get("env_restarts", 0) for t in trajs[:4]) == 3
+    # a task whose worker is lost every time ends as an error after MAX_ENV_RESTARTS tries
+    for t in trajs[4:]:
+        assert t.termination == "error" and f"died {MAX_ENV_RESTARTS + 1} times" in t.info["error"]
+    assert len(made) == 6 + 3 + 2 * MAX_ENV_RESTARTS
 
 
 def test_eval_command_is_deterministic_and_compares(vllm_tiny, tmp_path):
