@@ -15,14 +15,19 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from taurl.agents.backend import BACKENDS, InferenceBackend, make_backend
 from taurl.agents.loop import Agent
+from taurl.agents.ray_backend import RayConfig
 from taurl.config import config_to_dict
 from taurl.models import resolve_model
 from taurl.rollout.eval import EvalConfig, EvalReport, compare, evaluate
-from taurl.rollout.runner import RolloutConfig, RolloutResult, run_rollout
+from taurl.rollout.runner import EnvFactory, RolloutConfig, RolloutResult, run_rollout
 from taurl.types import JSONValue, write_jsonl
+
+if TYPE_CHECKING:
+    from taurl.rollout.ray_envs import RayRollout
 
 OpenBackend = Callable[[str], AbstractContextManager[InferenceBackend]]
 
@@ -51,6 +56,8 @@ class RolloutCommand:
     output: str = "trajectories.jsonl"
     # the inference backend
     backend: BackendConfig = field(default_factory=BackendConfig)
+    # Ray scale-out (ray.address=local|auto|ray://...): engines and env workers as actors; off by default
+    ray: RayConfig = field(default_factory=RayConfig)
     # env, split, tasks × samples, concurrency, agent
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
 
@@ -67,22 +74,49 @@ class EvalCommand:
     out_dir: str = "runs/eval"
     # the inference backend (the same settings serve both models)
     backend: BackendConfig = field(default_factory=BackendConfig)
+    # Ray scale-out (ray.address=local|auto|ray://...): engines and env workers as actors; off by default
+    ray: RayConfig = field(default_factory=RayConfig)
     # envs, split, episodes, samples, seed, agent (greedy by default)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-def backend_opener(config: BackendConfig) -> OpenBackend:
-    """A function that opens (and on exit closes) a ``config`` backend for a model."""
+def backend_opener(config: BackendConfig, ray_rollout: RayRollout | None = None) -> OpenBackend:
+    """A function that opens (and on exit closes) a ``config`` backend for a model.
+
+    With ``ray_rollout`` the backend is that many engine actors of ``config.kind``.
+    """
 
     @contextmanager
     def open_backend(model: str) -> Iterator[InferenceBackend]:
-        backend = make_backend(config.kind, model, **config.options)
+        if ray_rollout is not None:
+            backend: InferenceBackend = ray_rollout.make_backend(config.kind, model, config.options)
+        else:
+            backend = make_backend(config.kind, model, **config.options)
         try:
             yield backend
         finally:
             asyncio.run(backend.close())
 
     return open_backend
+
+
+@contextmanager
+def open_ray(config: RayConfig) -> Iterator[RayRollout | None]:
+    """The Ray session ``config`` asks for, closed on exit; None (and no Ray import) when off."""
+    if not config.enabled:
+        yield None
+        return
+    from taurl.rollout.ray_envs import RayRollout
+
+    session = RayRollout(config)
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+def _make_env(ray_rollout: RayRollout | None) -> EnvFactory | None:
+    return ray_rollout.make_env if ray_rollout is not None else None
 
 
 def _agent(backend: InferenceBackend, model: str, agent_config: object) -> Agent:
@@ -94,11 +128,14 @@ def _agent(backend: InferenceBackend, model: str, agent_config: object) -> Agent
 
 def run_rollout_command(cmd: RolloutCommand, open_backend: OpenBackend | None = None) -> RolloutResult:
     """Run ``taurl rollout``: trajectories go to ``cmd.output`` as they finish."""
-    opener = open_backend or backend_opener(cmd.backend)
     Path(cmd.output).parent.mkdir(parents=True, exist_ok=True)
-    with opener(cmd.model) as backend:
-        agent = _agent(backend, cmd.model, cmd.rollout.agent)
-        return asyncio.run(run_rollout(agent, cmd.rollout, output=cmd.output))
+    with open_ray(cmd.ray) as ray_rollout:
+        opener = open_backend or backend_opener(cmd.backend, ray_rollout)
+        with opener(cmd.model) as backend:
+            agent = _agent(backend, cmd.model, cmd.rollout.agent)
+            return asyncio.run(
+                run_rollout(agent, cmd.rollout, output=cmd.output, make_env=_make_env(ray_rollout))
+            )
 
 
 def _label(model: str) -> str:
@@ -111,7 +148,6 @@ def _file_part(text: str) -> str:
 
 def run_eval_command(cmd: EvalCommand, open_backend: OpenBackend | None = None) -> EvalReport:
     """Run ``taurl eval``: evaluate, write ``eval.json``/``eval.md`` and trajectories into ``out_dir``."""
-    opener = open_backend or backend_opener(cmd.backend)
     models = [cmd.model] if cmd.compare is None else [cmd.model, cmd.compare]
     labels = [_label(m) for m in models]
     if len(set(labels)) != len(labels):
@@ -119,12 +155,14 @@ def run_eval_command(cmd: EvalCommand, open_backend: OpenBackend | None = None) 
     out_dir = Path(cmd.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = {}
-    for model, label in zip(models, labels, strict=True):
-        with opener(model) as backend:
-            agent = _agent(backend, model, cmd.eval.agent)
-            runs[label] = asyncio.run(evaluate(agent, cmd.eval))
-        for env_id, result in runs[label].items():
-            write_jsonl(result.trajectories, out_dir / f"trajectories-{_file_part(label)}-{_file_part(env_id)}.jsonl")
+    with open_ray(cmd.ray) as ray_rollout:
+        opener = open_backend or backend_opener(cmd.backend, ray_rollout)
+        for model, label in zip(models, labels, strict=True):
+            with opener(model) as backend:
+                agent = _agent(backend, model, cmd.eval.agent)
+                runs[label] = asyncio.run(evaluate(agent, cmd.eval, make_env=_make_env(ray_rollout)))
+            for env_id, result in runs[label].items():
+                write_jsonl(result.trajectories, out_dir / f"trajectories-{_file_part(label)}-{_file_part(env_id)}.jsonl")
     comparisons = []
     if cmd.compare is not None:
         a, b = runs[labels[0]], runs[labels[1]]

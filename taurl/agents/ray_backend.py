@@ -1,0 +1,534 @@
+"""Ray backend: inference engines as Ray actors, one backend interface in the driver.
+
+Each engine actor builds an ordinary backend (:func:`make_backend`, vLLM by default)
+in its own process — one per GPU, or one per node on CPU — and the driver (the
+trainer) talks to all of them through :class:`RayBackend`:
+
+- **routing**: a new episode (``session_id``) goes to the engine with the fewest
+  requests in flight, and every later turn of it to the same engine (its prefix
+  cache holds the episode's history);
+- **weights**: ``update_weights`` puts the state dict into Ray's object store once
+  and every engine loads it from there at the same time;
+- **failures**: when an engine actor dies (a node lost, ``ray.kill``, an OOM kill),
+  a replacement actor is started at its place and loaded with the latest weights,
+  and the requests that were in flight on the dead one are sent again — to a live
+  engine at once, or to the replacement. Each caller's ``generate`` returns exactly
+  one result; per-request seeds make the re-sent request sample what the lost one
+  would have. ``stats["restarts"]`` counts replacements.
+
+Nothing here imports Ray at module level: ``taurl`` without ``ray.address`` never
+loads it. :class:`RayConfig` is the ``ray:`` section of the train, rollout and eval
+configs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import os
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from taurl.agents.backend import BackgroundLoop, InferenceBackend, check_prompt, make_backend
+from taurl.errors import BackendError, ConfigError
+from taurl.models import resolve_model
+from taurl.types import Generation, JSONValue, SamplingParams
+
+if TYPE_CHECKING:
+    import torch
+    from ray.actor import ActorHandle
+
+#: Sessions remembered for engine affinity; the oldest are forgotten first.
+MAX_SESSIONS = 100_000
+_ADDRESS = re.compile(r"^(local|auto|ray://\S+|[\w.-]+:\d+)$")
+
+
+@dataclass
+class RayConfig:
+    """Where the rollout runs on Ray: inference engines and environment workers as actors."""
+
+    # "" = no Ray (one process, nothing imports Ray); "local" = start a cluster on this machine; "auto" = join the running one; or "ray://host:port"
+    address: str = ""
+    # inference engine actors, each one backend.kind engine (one per GPU, or one per node on CPU)
+    num_engines: int = 1
+    # logical CPUs each engine actor reserves
+    cpus_per_engine: float = 1.0
+    # GPUs each engine actor reserves; None = 1 when the cluster has GPUs, else 0
+    gpus_per_engine: float | None = None
+    # environment worker actors (0 = environments run in the driver's threads, as without Ray)
+    env_workers: int = 0
+    # logical CPUs each environment worker reserves
+    cpus_per_env_worker: float = 1.0
+    # environments one worker steps at the same time (its threads)
+    env_threads_per_worker: int = 16
+    # replacements of a dead actor (per engine, per env worker) before the run gives up on it
+    max_restarts: int = 3
+    # seconds an actor may take to start (an engine loads its model) before that is an error
+    start_timeout_s: float = 900.0
+    # logical CPUs of a "local" cluster; None = the machine's count, raised to what the actors reserve
+    num_cpus: int | None = None
+    # environment variables set in every actor, e.g. {VLLM_CPU_KVCACHE_SPACE: "1"}
+    env_vars: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.address and not _ADDRESS.match(self.address):
+            raise ConfigError(
+                f"ray.address must be '' (off), 'local', 'auto', 'ray://host:port' or "
+                f"'host:port', got {self.address!r}"
+            )
+        for name in ("num_engines", "env_threads_per_worker"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"ray.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("cpus_per_engine", "cpus_per_env_worker", "env_workers", "max_restarts"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"ray.{name} must be >= 0, got {getattr(self, name)}")
+        if self.gpus_per_engine is not None and self.gpus_per_engine < 0:
+            raise ConfigError(
+                f"ray.gpus_per_engine must be >= 0 or None (1 when the cluster has GPUs), "
+                f"got {self.gpus_per_engine}"
+            )
+        if self.start_timeout_s <= 0:
+            raise ConfigError(f"ray.start_timeout_s must be > 0, got {self.start_timeout_s}")
+        if self.num_cpus is not None:
+            if self.num_cpus < 1:
+                raise ConfigError(f"ray.num_cpus must be >= 1 or None, got {self.num_cpus}")
+            if self.address != "local":
+                raise ConfigError(
+                    f"ray.num_cpus sizes a cluster this process starts (address 'local'); with "
+                    f"address {self.address!r} the cluster has its own size: drop ray.num_cpus"
+                )
+
+    @property
+    def enabled(self) -> bool:
+        """True when the rollout runs on Ray."""
+        return bool(self.address)
+
+    def cpus_reserved(self) -> float:
+        """Logical CPUs the engine and environment actors reserve together."""
+        return self.num_engines * self.cpus_per_engine + self.env_workers * self.cpus_per_env_worker
+
+
+def connect_ray(config: RayConfig) -> bool:
+    """Connect this process to the cluster ``config.address`` names, unless already connected.
+
+    Returns True when this call connected (its caller then calls ``ray.shutdown()``
+    at the end), False when a connection existed (a test's cluster, a user's own
+    ``ray.init``), which is then used as it is.
+    """
+    if not config.enabled:
+        raise ConfigError("connect_ray needs ray.address ('local', 'auto' or a URL); it is ''")
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if config.address == "local":
+        # Logical CPUs are a scheduling count, not cores: asking for fewer than the actors
+        # reserve would leave some unscheduled forever.
+        need = int(-(-config.cpus_reserved() // 1)) + 1
+        num_cpus = config.num_cpus or max(os.cpu_count() or 1, need)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+    else:
+        ray.init(address=config.address)
+    return True
+
+
+class EngineActor:
+    """One inference engine in a Ray actor's process: ``make_backend(kind, model, **options)``.
+
+    Built by :class:`RayBackend` as an async actor, so many ``generate`` calls are in
+    flight at once and the inner backend batches them.
+    """
+
+    def __init__(self, kind: str, model: str, options: dict[str, JSONValue]) -> None:
+        self.backend = make_backend(kind, model, **options)
+
+    async def info(self) -> dict[str, JSONValue]:
+        """What the driver needs to know: limits, weight dtype, where the engine runs."""
+        import ray
+
+        dtype = getattr(self.backend, "weight_dtype", None)
+        return {
+            "max_model_len": self.backend.max_model_len,
+            "weight_dtype": str(dtype).removeprefix("torch.") if dtype is not None else None,
+            "pid": os.getpid(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+        }
+
+    async def generate(self, prompt_token_ids: list[int], sampling: SamplingParams) -> Generation:
+        """One request to the inner backend."""
+        return await self.backend.generate(prompt_token_ids, sampling)
+
+    async def update_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> int:
+        """Load new weights (Ray resolves the object-store reference into the dict)."""
+        await self.backend.update_weights(state_dict, version)
+        return version
+
+    async def reset_prefix_cache(self) -> None:
+        """Drop the inner engine's cached prefixes, when it has any."""
+        reset = getattr(self.backend, "reset_prefix_cache", None)
+        if reset is not None:
+            await reset()
+
+    async def close(self) -> None:
+        """Shut the inner engine down (its child processes included)."""
+        await self.backend.close()
+
+
+@dataclass
+class _Engine:
+    """The driver's record of one engine slot; ``handle`` changes when it is replaced."""
+
+    handle: ActorHandle
+    in_flight: int = 0  # requests sent and not yet answered
+    healthy: bool = True  # False from a death until the replacement is loaded
+    restarts: int = 0
+    failed: str = ""  # set when max_restarts is spent: the slot is given up
+    info: dict[str, JSONValue] = field(default_factory=dict)
+
+
+class RayBackend(InferenceBackend):
+    """``num_engines`` engine actors behind the backend interface (see the module docstring).
+
+    Building one starts the actors and blocks until every engine is ready. This
+    process must be connected to Ray (:func:`connect_ray`).
+
+    Args:
+        model: a built-in model name, a folder, or a cached hub id; each actor
+            resolves it on its own node (a folder must exist there too).
+        config: engines, resources per engine, restarts, start timeout, actor env vars.
+        kind: the inner backend of every engine (a key of ``BACKENDS``).
+        options: the inner backend's constructor options.
+    """
+
+    def __init__(
+        self,
+        model: str | Path,
+        config: RayConfig,
+        *,
+        kind: str = "vllm",
+        options: Mapping[str, JSONValue] | None = None,
+    ) -> None:
+        import ray
+
+        if not ray.is_initialized():
+            raise BackendError(
+                "RayBackend needs a Ray connection; call taurl.agents.ray_backend.connect_ray"
+                "(config) (or ray.init) first"
+            )
+        self.model = str(model)
+        self.model_path = resolve_model(model)
+        self.config = config
+        self.kind = kind
+        self.options: dict[str, JSONValue] = dict(options or {})
+        self.policy_version = 0
+        #: seconds the last update_weights took: "put_s" (into the object store), "load_s" (engines)
+        self.last_update_s: dict[str, float] = {}
+        #: counters: "requests", "retries" (re-sent after a death), "rerouted", "restarts"
+        self.stats: collections.Counter[str] = collections.Counter()
+        gpus = config.gpus_per_engine
+        if gpus is None:
+            gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        self._actor_options: dict[str, object] = {
+            "num_cpus": config.cpus_per_engine,
+            "num_gpus": gpus,
+            "max_restarts": 0,  # replaced by the driver, which reloads the latest weights
+            "scheduling_strategy": "SPREAD",
+        }
+        if config.env_vars:
+            self._actor_options["runtime_env"] = {"env_vars": dict(config.env_vars)}
+        self._actor_cls = ray.remote(EngineActor).options(**self._actor_options)  # type: ignore[arg-type]
+        # the latest weights, for replacements: (object-store ref of the state dict, version)
+        self._weights: tuple[object | None, int] = (None, 0)
+        self._sessions: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self._engines: list[_Engine] = []
+        self._replacing: set[asyncio.Task[None]] = set()
+        self._closed = False
+        self._loop = BackgroundLoop(name="taurl-ray")
+        try:
+            self._loop.run_sync(self._start())
+        except BaseException:
+            self.close_sync()
+            raise
+        first = self._engines[0].info
+        self.max_model_len = int(first["max_model_len"])  # type: ignore[arg-type]
+        self._weight_dtype = first.get("weight_dtype")
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """The engines' weight dtype (what the trainer syncs in)."""
+        import torch
+
+        dtype = getattr(torch, str(self._weight_dtype), None)
+        return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+    @property
+    def engine_handles(self) -> list[ActorHandle]:
+        """The live engine actors, by slot (for fault drills: ``ray.kill(handles[0])``)."""
+        return [e.handle for e in self._engines]
+
+    def engine_status(self) -> list[dict[str, JSONValue]]:
+        """Per engine slot: ``healthy``, ``in_flight``, ``restarts``, ``failed``, ``pid``."""
+        return [
+            {"healthy": e.healthy, "in_flight": e.in_flight, "restarts": e.restarts,
+             "failed": e.failed, "pid": e.info.get("pid")}
+            for e in self._engines
+        ]  # fmt: skip
+
+    def session_engine(self, session_id: str) -> int | None:
+        """The engine slot an episode is kept on (None before its first request)."""
+        return self._sessions.get(session_id)
+
+    @property
+    def restarts(self) -> int:
+        """Engine actors replaced after a death, over this backend's life."""
+        return self.stats["restarts"]
+
+    # -- actors --------------------------------------------------------------------
+
+    def _spawn(self) -> ActorHandle:
+        return self._actor_cls.remote(self.kind, self.model, self.options)
+
+    async def _start(self) -> None:
+        self._changed = asyncio.Condition()
+        self._engines = [_Engine(self._spawn()) for _ in range(self.config.num_engines)]
+        infos = await self._wait_ready([e.handle for e in self._engines])
+        for engine, info in zip(self._engines, infos, strict=True):
+            engine.info = info
+
+    async def _wait_ready(self, handles: list[ActorHandle]) -> list[dict[str, JSONValue]]:
+        import ray
+        from ray.exceptions import RayError
+
+        try:
+            infos = await asyncio.wait_for(
+                asyncio.gather(*(h.info.remote() for h in handles), return_exceptions=True),
+                self.config.start_timeout_s,
+            )
+        except TimeoutError as e:
+            raise BackendError(
+                f"{len(handles)} engine actor(s) did not start within {self.config.start_timeout_s:.0f} s; "
+                f"each asks for {self._actor_options['num_cpus']} CPU and "
+                f"{self._actor_options['num_gpus']} GPU and the cluster has "
+                f"{ray.available_resources()} free: lower ray.num_engines or the per-engine "
+                "resources, or raise ray.start_timeout_s"
+            ) from e
+        for info in infos:
+            if isinstance(info, RayError):
+                raise BackendError(
+                    f"an engine actor ({self.kind}, {self.model}) failed to start: {info}"
+                ) from info
+            if isinstance(info, BaseException):
+                raise info
+        return infos  # type: ignore[return-value]
+
+    def _on_death(self, i: int, handle: ActorHandle, exc: BaseException) -> None:
+        """Start replacing slot ``i`` unless another request already saw this death."""
+        engine = self._engines[i]
+        if engine.handle is not handle or not engine.healthy or self._closed:
+            return
+        engine.healthy = False
+        task = asyncio.get_running_loop().create_task(self._replace(i, handle, exc))
+        self._replacing.add(task)
+        task.add_done_callback(self._replacing.discard)
+
+    async def _replace(self, i: int, dead: ActorHandle, exc: BaseException) -> None:
+        from ray.exceptions import RayError
+
+        kill_actor(dead)  # a merely unreachable actor must not live on beside its replacement
+        engine = self._engines[i]
+        reason = f"{type(exc).__name__}: {exc}"
+        failures = 0
+        while True:
+            if engine.restarts >= self.config.max_restarts:
+                engine.failed = (
+                    f"engine {i} died ({reason[:300]}) and its ray.max_restarts="
+                    f"{self.config.max_restarts} replacements are spent"
+                )
+                break
+            if failures:  # the last replacement failed too (e.g. an OOM kill): let the node settle
+                await asyncio.sleep(min(2.0**failures, 30.0))
+            engine.restarts += 1
+            self.stats["restarts"] += 1
+            handle = self._spawn()
+            try:
+                (engine.info,) = await self._wait_ready([handle])
+                loaded: tuple[object | None, int] = (None, 0)
+                while loaded is not self._weights:  # weights may change while this one loads
+                    loaded = self._weights
+                    if loaded[0] is not None:
+                        await handle.update_weights.remote(loaded[0], loaded[1])
+            except (BackendError, RayError) as e:
+                kill_actor(handle)
+                reason = f"{type(e).__name__}: {e}"
+                failures += 1
+                continue
+            engine.handle = handle
+            engine.healthy = True
+            break
+        async with self._changed:
+            self._changed.notify_all()
+
+    # -- routing -------------------------------------------------------------------
+
+    async def _pick(self, session_id: str | None) -> int:
+        """Engine slot for a request: the session's own one while it is healthy, else the
+        healthy engine with the fewest requests in flight (waiting while none is)."""
+        if session_id is not None and session_id in self._sessions:
+            i = self._sessions[session_id]
+            self._sessions.move_to_end(session_id)
+            if self._engines[i].healthy:
+                return i
+            self.stats["rerouted"] += 1
+        async with self._changed:
+            await self._changed.wait_for(
+                lambda: (
+                    any(e.healthy for e in self._engines) or all(e.failed for e in self._engines)
+                )
+            )
+        healthy = [i for i, e in enumerate(self._engines) if e.healthy]
+        if not healthy:
+            raise BackendError(
+                "every Ray engine actor is gone: " + "; ".join(e.failed for e in self._engines)
+            )
+        i = min(healthy, key=lambda j: self._engines[j].in_flight)
+        if session_id is not None:
+            self._sessions[session_id] = i
+            self._sessions.move_to_end(session_id)
+            while len(self._sessions) > MAX_SESSIONS:
+                self._sessions.popitem(last=False)
+        return i
+
+    # -- generation ----------------------------------------------------------------
+
+    async def generate(
+        self,
+        prompt_token_ids: list[int],
+        sampling: SamplingParams,
+        *,
+        session_id: str | None = None,
+    ) -> Generation:
+        """Sample one continuation; see :meth:`InferenceBackend.generate`."""
+        max_tokens = check_prompt(prompt_token_ids, sampling, self.max_model_len)
+        sampling = dataclasses.replace(sampling, max_tokens=max_tokens)
+        return await self._loop.run(self._generate(list(prompt_token_ids), sampling, session_id))
+
+    async def _generate(
+        self, prompt: list[int], sampling: SamplingParams, session_id: str | None
+    ) -> Generation:
+        from ray.exceptions import RayTaskError
+
+        if self._closed:
+            raise BackendError("RayBackend is closed; create a new one")
+        self.stats["requests"] += 1
+        while True:
+            i = await self._pick(session_id)
+            engine = self._engines[i]
+            handle = engine.handle
+            engine.in_flight += 1
+            try:
+                return await handle.generate.remote(prompt, sampling)  # type: ignore[no-any-return]
+            except actor_lost_errors() as e:
+                self.stats["retries"] += 1
+                self._on_death(i, handle, e)
+            except RayTaskError as e:
+                raise BackendError(f"Ray engine {i} failed a request: {e.cause!r}") from e
+            finally:
+                engine.in_flight -= 1
+
+    # -- weights -------------------------------------------------------------------
+
+    async def update_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
+        """Put ``state_dict`` into the object store once; every engine loads it at once.
+
+        See the interface docstring. The reference is kept, so that a replacement
+        engine starts with these weights; a dead engine is waited for.
+        """
+        import ray
+
+        t0 = time.perf_counter()
+        cpu = {name: t.detach().to("cpu") for name, t in state_dict.items()}
+        ref = await asyncio.to_thread(ray.put, cpu)
+        t1 = time.perf_counter()
+        await self._loop.run(self._update_all(ref, version))
+        self.policy_version = version
+        self.last_update_s = {"put_s": t1 - t0, "load_s": time.perf_counter() - t1}
+
+    async def _update_all(self, ref: object, version: int) -> None:
+        self._weights = (ref, version)
+        await asyncio.gather(
+            *(self._update_one(i, ref, version) for i in range(len(self._engines)))
+        )
+
+    async def _update_one(self, i: int, ref: object, version: int) -> None:
+        from ray.exceptions import RayTaskError
+
+        engine = self._engines[i]
+        while True:
+            async with self._changed:
+                await self._changed.wait_for(lambda: engine.healthy or bool(engine.failed))
+            if engine.failed:
+                return
+            handle = engine.handle
+            try:
+                await handle.update_weights.remote(ref, version)
+                return
+            except actor_lost_errors() as e:
+                self._on_death(i, handle, e)
+            except RayTaskError as e:
+                raise BackendError(f"Ray engine {i} failed to load weights: {e.cause!r}") from e
+
+    async def reset_prefix_cache(self) -> None:
+        """Drop every engine's cached prefixes (for measurements that must not reuse them)."""
+        await self._loop.run(self._reset_all())
+
+    async def _reset_all(self) -> None:
+        handles = [e.handle for e in self._engines if e.healthy]
+        await asyncio.gather(*(h.reset_prefix_cache.remote() for h in handles))
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Shut every engine down and remove the actors. Idempotent."""
+        self.close_sync()
+
+    def close_sync(self) -> None:
+        """:meth:`close` for code without an event loop."""
+        if self._closed:
+            return
+        self._closed = True
+        self._loop.run_sync(self._shutdown())
+        self._loop.stop()
+        for engine in self._engines:
+            kill_actor(engine.handle)
+        self._weights = (None, 0)
+
+    async def _shutdown(self) -> None:
+        for task in list(self._replacing):
+            task.cancel()
+        handles = [e.handle for e in self._engines if e.healthy]
+        if handles:
+            # a clean close stops each engine's child processes before the actor goes
+            closing = asyncio.gather(*(h.close.remote() for h in handles), return_exceptions=True)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(closing, 60)
+
+
+def actor_lost_errors() -> tuple[type[BaseException], ...]:
+    """What awaiting a call to a dead actor raises (an OOM kill reads as its own error)."""
+    from ray.exceptions import OutOfMemoryError, RayActorError
+
+    return (RayActorError, OutOfMemoryError)
+
+
+def kill_actor(handle: ActorHandle) -> None:
+    """``ray.kill`` an actor for good; one already gone (or a cluster already down) is fine."""
+    import ray
+
+    with contextlib.suppress(Exception):
+        ray.kill(handle, no_restart=True)
