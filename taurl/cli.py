@@ -93,6 +93,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from taurl.config import load_config
+    from taurl.learners.distributed import is_main
     from taurl.trainer import TrainConfig, load_run_config, train
 
     if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
@@ -107,7 +108,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     else:
         cfg = load_config(TrainConfig, args.config, args.overrides)
     run_dir = train(cfg, resume=bool(args.resume))
-    print(f"run finished: {run_dir} (metrics.jsonl, samples.md, checkpoints/latest)")
+    if is_main():  # under torchrun, rank 0 speaks for the run
+        print(f"run finished: {run_dir} (metrics.jsonl, samples.md, checkpoints/latest)")
     return 0
 
 

@@ -16,6 +16,12 @@ one is refused), ``metrics.jsonl``, ``samples.md`` (readable trajectories),
 ``checkpoints/iter-N`` and ``checkpoints/latest``, and TensorBoard events.
 ``taurl train --resume RUN_DIR`` restarts from the latest checkpoint; a run killed
 at any moment loses at most the iteration in progress.
+
+``torchrun --nproc-per-node N -m taurl train CONFIG`` runs the learner data-parallel
+(``learner.parallel``: ddp or fsdp2): rank 0 owns the inference engine, rollout,
+evaluation, checkpoints, metrics and printing, and hands each batch to the other
+ranks, which only run the learner (:func:`_follow`); every rank loads the checkpoint
+on ``--resume``.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from taurl.agents.backend import InferenceBackend, make_backend
 from taurl.agents.loop import Agent, AgentConfig
 from taurl.config import config_from_dict, config_to_dict, dump_config
 from taurl.errors import ConfigError, TaurlError
-from taurl.learners import AlgorithmOptions, Learner, LearnerConfig
+from taurl.learners import AlgorithmOptions, Learner, LearnerConfig, distributed
 from taurl.models import resolve_model
 from taurl.rollout.commands import BackendConfig
 from taurl.rollout.eval import EvalConfig, evaluate
@@ -320,9 +326,9 @@ async def train_async(
     closes it at the end.
     """
     run = RunDir(cfg.run_dir)
-    ckpt = run.latest_checkpoint() if resume else None
-    if not resume:
-        run.init(cfg)
+    distributed.init_process_group()  # under torchrun; nothing for a single process
+    ckpt = distributed.on_main(lambda: _open_run(run, cfg, resume))
+    main = distributed.is_main()  # rank 0 owns the engine, rollout, eval and the run dir
     start_iter = 0
     model_path = resolve_model(cfg.model)
     _seed_everything(cfg.seed)
@@ -333,14 +339,22 @@ async def train_async(
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
         start_iter = json.loads((ckpt / "trainer.json").read_text())["iteration"] + 1
-        run.truncate_metrics(start_iter - 1)
-        print(f"taurl: resuming {run.path} at iteration {start_iter} from {ckpt.name}")
-    elif resume:
+        if main:
+            run.truncate_metrics(start_iter - 1)
+            print(f"taurl: resuming {run.path} at iteration {start_iter} from {ckpt.name}")
+    elif resume and main:
         print(f"taurl: {run.path} has no checkpoint yet; starting it from iteration 0")
         run.truncate_metrics(-1)
+    if not main:
+        try:
+            _follow(learner, run)
+        finally:
+            distributed.shutdown()
+        return run.path
     own_backend = backend is None
     if backend is None:
-        backend = make_backend(cfg.backend.kind, model_path, **cfg.backend.options)
+        with distributed.without_torchrun_env():  # the engine's own processes are no ranks
+            backend = make_backend(cfg.backend.kind, model_path, **cfg.backend.options)
     logger = _Logger(run, cfg.tensorboard)
     from transformers import AutoTokenizer
 
@@ -350,6 +364,7 @@ async def train_async(
         # The engine must sample with the learner's weights: a fresh engine already does at
         # iteration 0, a resumed or shared one does not.
         t0 = time.perf_counter()
+        _lead("sync")
         await backend.update_weights(learner.state_dict_for_sync(sync_dtype(backend)), learner.policy_version)
         initial_sync_s = time.perf_counter() - t0
         agent = Agent(backend, tokenizer, cfg.rollout.agent)
@@ -367,6 +382,7 @@ async def train_async(
                 metrics["timing/eval_s"] = time.perf_counter() - t0
             if (it + 1) % cfg.checkpoint_every == 0 or last:
                 t0 = time.perf_counter()
+                _lead("save")
                 run.save_checkpoint(it, learner, cfg.keep_checkpoints, model_path)
                 metrics["timing/checkpoint_s"] = time.perf_counter() - t0
             metrics["timing/elapsed_min"] = elapsed_min
@@ -374,11 +390,49 @@ async def train_async(
             _print_line(it, cfg.iterations, metrics)
             if last:
                 break
+        _lead("stop")
     finally:
         logger.close()
         if own_backend:
             await backend.close()
+        distributed.shutdown()
     return run.path
+
+
+def _open_run(run: RunDir, cfg: TrainConfig, resume: bool) -> Path | None:
+    """Create the run directory of a new run, or find the checkpoint to resume (or None)."""
+    if resume:
+        return run.latest_checkpoint()
+    run.init(cfg)
+    return None
+
+
+# Under torchrun, ranks > 0 run no engine: they wait for rank 0 to announce each learner
+# call it makes (update, weight sync, checkpoint) and make the same one, so that the
+# learner's collectives (DDP's gradient all-reduce, FSDP2's gathers) meet in step.
+
+
+def _lead(command: str, trajectories: list[Trajectory] | None = None) -> None:
+    """Rank 0: tell the other ranks which learner call comes next (no-op alone)."""
+    if distributed.is_distributed():
+        distributed.broadcast_object((command, trajectories))
+
+
+def _follow(learner: Learner, run: RunDir) -> None:
+    """Ranks > 0: make the learner calls rank 0 announces, until it says ``stop``.
+
+    ``update`` is followed by rank 0's weight sync into its engine, ``save`` (a
+    checkpoint) by the export of its policy folder: both read the full weights.
+    """
+    while True:
+        command, trajectories = distributed.broadcast_object(None)
+        if command == "stop":
+            return
+        if command == "update":
+            learner.update(trajectories)
+        elif command == "save":
+            learner.save(run.checkpoints)  # writes nothing off rank 0
+        learner.state_dict_for_sync()
 
 
 async def _iteration(
@@ -394,7 +448,9 @@ async def _iteration(
     t1 = time.perf_counter()
     metrics = rollout_metrics(trajs)
     metrics["rollout/tokens_per_s"] = result.summary.tokens_per_s
-    metrics.update(learner.update([t for t in trajs if t.termination != "error"]))
+    batch = [t for t in trajs if t.termination != "error"]
+    _lead("update", batch)
+    metrics.update(learner.update(batch))
     t2 = time.perf_counter()
     await backend.update_weights(
         learner.state_dict_for_sync(sync_dtype(backend)), learner.policy_version

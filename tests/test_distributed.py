@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -18,10 +19,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from taurl.config import load_config
 from taurl.errors import ConfigError
 from taurl.learners import AlgorithmOptions, Learner, LearnerConfig, LoraConfig
 from taurl.learners.distributed import shard_rows
+from taurl.trainer import RunDir, TrainConfig
 from taurl.types import Trajectory
 
 WORLD = 2
@@ -66,6 +70,9 @@ CASES: dict[str, tuple[dict[str, object], int, int]] = {
     "ppo-head": ({"algorithm": "ppo", "options": {"epochs": 1, "minibatches": 2}}, 6, 1),
     # a checkpoint between two updates: the optimizer state survives save/load
     "grpo-resume": ({"algorithm": "grpo"}, 8, 2),
+    # LoRA adapters (the reference = adapters off); a separate critic model
+    "grpo-lora": ({"algorithm": "grpo", "lora": {"rank": 4}}, 6, 1),
+    "ppo-critic-model": ({"algorithm": "ppo", "options": {"epochs": 1, "critic": "model"}}, 6, 1),
     "fsdp2-grpo-7-odd": ({"algorithm": "grpo", "micro_batch_tokens": 60,
                           "parallel": "fsdp2"}, 7, 1),
     "fsdp2-ppo-head": ({"algorithm": "ppo", "parallel": "fsdp2",
@@ -79,7 +86,8 @@ METRICS = ("traj/policy_loss", "traj/entropy", "traj/kl_ref", "traj/clip_frac",
 def learner_config(kwargs: dict[str, object]) -> LearnerConfig:
     kw = dict(kwargs)
     options = AlgorithmOptions(**kw.pop("options", {}))  # type: ignore[arg-type]
-    return LearnerConfig(options=options, lr=1e-3, dtype="float32", device="cpu", **kw)
+    lora = LoraConfig(**kw.pop("lora", {}))  # type: ignore[arg-type]
+    return LearnerConfig(options=options, lora=lora, lr=1e-3, dtype="float32", device="cpu", **kw)
 
 
 def run_case(name: str, model: Path, ckpt: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -87,6 +95,7 @@ def run_case(name: str, model: Path, ckpt: Path) -> tuple[dict[str, torch.Tensor
     kwargs, rows, updates = CASES[name]
     cfg = learner_config(kwargs)
     trajs = batch(rows, seed=len(name))
+    torch.manual_seed(0)  # LoRA's random initialisation
     learner = Learner(cfg, model)
     metrics = learner.update(trajs)
     if updates == 2:
@@ -141,6 +150,7 @@ def check_same_as_one_process(name: str, results: dict, model: Path, tmp_path: P
     weights, metrics = run_case(name, model, tmp_path)
     dist_weights, dist_metrics = results[name]
     assert dist_weights.keys() == weights.keys()
+    torch.manual_seed(0)
     base = Learner(learner_config(CASES[name][0]), model).state_dict_for_sync()
     assert any(not torch.equal(base[k], v) for k, v in weights.items()), "nothing learned"
     # A second AdamW step divides near-zero gradients (whose float32 sums depend on the
@@ -172,6 +182,75 @@ def test_fsdp2_update_equals_one_process(
     check_same_as_one_process(name, fsdp2_results, tiny_model_path, tmp_path)
 
 
+TRAIN_ARGS = [
+    "model=tiny-random", "iterations=2", "rollout.num_tasks=2", "rollout.samples_per_task=2",
+    "rollout.progress=false", "rollout.agent.max_turns=1", "rollout.agent.sampling.max_tokens=8",
+    "eval_every=2", "eval_episodes=2", "tensorboard=false", "learner.lr=1e-3",
+    # The HF engine: a vLLM engine works in rank 0 too, but starts in 60-130 s on 2 loaded
+    # cores, more than this test's whole budget.
+    "backend.kind=hf",
+    # The random tiny model never solves a calculator task: every group scores 0 and
+    # carries no policy gradient. The entropy bonus gives each update one.
+    "learner.options.entropy_coef=0.01",
+]
+
+
+def torchrun_train(*args: str) -> subprocess.CompletedProcess[str]:
+    """``torchrun --standalone --nproc-per-node 2 -m taurl train ARGS`` (a free port each)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={WORLD}", "-m", "taurl", "train", *args]
+    return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300,
+                          env=env)
+
+
+def metric_rows(run_dir: Path) -> list[dict[str, float]]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def torchrun_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    run_dir = tmp_path_factory.mktemp("torchrun") / "run"
+    return run_dir, torchrun_train(f"run_dir={run_dir}", *TRAIN_ARGS)
+
+
+@pytest.mark.slow
+def test_torchrun_trains_with_rank0_owning_the_run(torchrun_run, tiny_model_path: Path) -> None:
+    run_dir, proc = torchrun_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("run finished") == 1, proc.stdout  # rank 0 alone prints
+    assert proc.stdout.count("iter 2/2") == 1
+    rows = metric_rows(run_dir)
+    assert [r["iteration"] for r in rows] == [0, 1]
+    assert rows[-1]["policy_version"] == 2 and "eval/success" in rows[-1]
+    assert all(r["traj/grad_norm"] > 0 for r in rows)
+    ckpt = RunDir(run_dir).latest_checkpoint()
+    assert ckpt is not None and ckpt.name == "iter-000001"
+    assert (ckpt / "learner" / "optimizer.pt").is_file()
+    before = load_file(tiny_model_path / "model.safetensors")
+    after = load_file(ckpt / "policy" / "model.safetensors")
+    assert after.keys() == before.keys()
+    assert any(not torch.equal(before[k].float(), after[k]) for k in before), "nothing learned"
+
+
+@pytest.mark.slow
+def test_torchrun_resume_continues_like_the_uninterrupted_run(torchrun_run) -> None:
+    """Roll the finished run back to its first checkpoint (a crash in iteration 1), resume."""
+    run_dir, proc = torchrun_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    checkpoints = run_dir / "checkpoints"
+    uninterrupted = load_file(checkpoints / "iter-000001" / "learner" / "model.safetensors")
+    shutil.rmtree(checkpoints / "iter-000001")
+    (checkpoints / "latest").write_text("iter-000000")
+    resumed = torchrun_train("--resume", str(run_dir))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming {run_dir} at iteration 1" in resumed.stdout
+    assert [r["iteration"] for r in metric_rows(run_dir)] == [0, 1]
+    after = load_file(checkpoints / "iter-000001" / "learner" / "model.safetensors")
+    for k, v in uninterrupted.items():
+        torch.testing.assert_close(after[k], v, atol=1e-5, rtol=1e-4, msg=k)
+
+
 def test_shards_balance_tokens_and_cover_every_row() -> None:
     lengths = [10, 3, 7, 7, 2, 9, 4]
     shards = shard_rows(list(range(7)), lengths, 2)
@@ -186,5 +265,7 @@ def test_shards_balance_tokens_and_cover_every_row() -> None:
 def test_bad_parallel_value_is_a_clear_config_error() -> None:
     with pytest.raises(ConfigError, match=r"learner.parallel must be one of ddp, fsdp2, got 'zero3'"):
         LearnerConfig(parallel="zero3")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"learner.parallel: expected one of 'ddp' \| 'fsdp2'"):
+        load_config(TrainConfig, None, ["learner.parallel=zero3"])
     with pytest.raises(ConfigError, match="does not support LoRA"):
         LearnerConfig(parallel="fsdp2", lora=LoraConfig(rank=4))

