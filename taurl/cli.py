@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 from taurl import __version__
@@ -191,14 +193,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminate(signum: int, frame: object) -> None:
+    # SIGTERM (kill, a scheduler's preemption) unwinds like Ctrl-C: the `finally` blocks
+    # shut the inference engine's child processes down instead of orphaning them.
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         return int(args.func(args))
     except TaurlError as e:
         print(f"taurl: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("taurl: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

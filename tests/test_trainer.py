@@ -127,6 +127,14 @@ def test_config_errors(override: str, needle: str) -> None:
         load_config(TrainConfig, None, [override])
 
 
+# `python -c` code running the taurl CLI with this file's test env registered (the test env
+# lives in this file: a sitecustomize-free way to register it in a child process).
+CLI_WITH_TEST_ENV = (
+    f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_trainer; "
+    "from taurl.cli import main; sys.exit(main(sys.argv[1:]))"
+)
+
+
 def test_sigkill_then_resume_loses_at_most_the_iteration_in_progress(tmp_path: Path) -> None:
     """A real `taurl train` process killed with SIGKILL mid-run, then `taurl train --resume`.
 
@@ -146,11 +154,7 @@ def test_sigkill_then_resume_loses_at_most_the_iteration_in_progress(tmp_path: P
         "rollout.agent.sampling.max_tokens=8", "rollout.agent.max_turns=2", "eval_every=0",
         "tensorboard=false", "backend.kind=hf", "learner.lr=1e-3",
     ]
-    # The test env lives in this file: a sitecustomize-free way to register it in the child.
-    code = (
-        "import sys; sys.path.insert(0, %r); import test_trainer; from taurl.cli import main; "
-        "sys.exit(main(sys.argv[1:]))" % str(Path(__file__).parent)
-    )
+    code = CLI_WITH_TEST_ENV
     proc = subprocess.Popen([sys.executable, "-c", code, "train", *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     latest = run_dir / "checkpoints" / "latest"
@@ -166,7 +170,7 @@ def test_sigkill_then_resume_loses_at_most_the_iteration_in_progress(tmp_path: P
     done = json.loads((before / "trainer.json").read_text())["iteration"]
 
     resumed = subprocess.run([sys.executable, "-c", code, "train", "--resume", str(run_dir)],
-                             capture_output=True, text=True, timeout=600)
+                             check=False, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resuming {run_dir} at iteration {done + 1}" in resumed.stdout
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -197,3 +201,42 @@ def test_default_config_is_the_main_example() -> None:
     """The README's main job runs `examples/grpo_calculator.yaml`; it is TrainConfig()."""
     path = Path(__file__).parents[1] / "examples" / "grpo_calculator.yaml"
     assert load_config(TrainConfig, path) == TrainConfig()
+
+
+@pytest.mark.vllm
+def test_sigterm_stops_the_trainer_and_its_vllm_engine_processes(tmp_path: Path) -> None:
+    """`kill PID` on `taurl train` ends it with a resume hint and leaves no engine process behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    run_dir = tmp_path / "terminated"
+    args = [
+        "model=tiny-random", f"run_dir={run_dir}", "iterations=50", f"rollout.env_id={ENV_ID}",
+        "rollout.num_tasks=2", "rollout.samples_per_task=2", "rollout.progress=false",
+        "rollout.agent.sampling.max_tokens=8", "rollout.agent.max_turns=2", "eval_every=0",
+        "tensorboard=false", "backend.kind=vllm",
+    ]
+    code = CLI_WITH_TEST_ENV
+    proc = subprocess.Popen([sys.executable, "-c", code, "train", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not metrics.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert metrics.exists(), "the first iteration never finished"
+    children = psutil.Process(proc.pid).children(recursive=True)
+    assert children, "expected vLLM's engine processes under the trainer"
+    os.kill(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err[-2000:]
+    assert f"taurl train --resume {run_dir}" in err
+    _, alive = psutil.wait_procs(children, timeout=30)
+    for p in alive:
+        p.kill()
+    assert alive == [], f"left running: {[p.pid for p in alive]}"
