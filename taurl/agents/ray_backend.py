@@ -33,7 +33,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeAlias
 
 from taurl.agents.backend import BackgroundLoop, InferenceBackend, check_prompt, make_backend
 from taurl.errors import BackendError, ConfigError
@@ -41,6 +41,7 @@ from taurl.models import resolve_model
 from taurl.types import Generation, JSONValue, SamplingParams
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
     from ray.actor import ActorHandle
 
@@ -164,9 +165,9 @@ class EngineActor:
         """One request to the inner backend."""
         return await self.backend.generate(prompt_token_ids, sampling)
 
-    async def update_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> int:
-        """Load new weights (Ray resolves the object-store reference into the dict)."""
-        await self.backend.update_weights(state_dict, version)
+    async def update_weights(self, packed: PackedStateDict, version: int) -> int:
+        """Load new weights (Ray resolves the object-store reference into ``packed``)."""
+        await self.backend.update_weights(unpack_state_dict(packed), version)
         return version
 
     async def reset_prefix_cache(self) -> None:
@@ -452,8 +453,7 @@ class RayBackend(InferenceBackend):
         import ray
 
         t0 = time.perf_counter()
-        cpu = {name: t.detach().to("cpu") for name, t in state_dict.items()}
-        ref = await asyncio.to_thread(ray.put, cpu)
+        ref = await asyncio.to_thread(lambda: ray.put(pack_state_dict(state_dict)))
         t1 = time.perf_counter()
         await self._loop.run(self._update_all(ref, version))
         self.policy_version = version
@@ -517,6 +517,45 @@ class RayBackend(InferenceBackend):
             closing = asyncio.gather(*(h.close.remote() for h in handles), return_exceptions=True)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(closing, 60)
+
+
+#: A state dict as the object store holds it: name -> (bytes as a uint8 array, dtype, shape).
+PackedStateDict: TypeAlias = "dict[str, tuple[np.ndarray, str, tuple[int, ...]]]"
+
+
+def pack_state_dict(state_dict: Mapping[str, torch.Tensor]) -> PackedStateDict:
+    """Each tensor's bytes as a numpy array, which Ray stores and reads without copies.
+
+    Pickled torch tensors are copied on ``put`` and again in every reader (measured,
+    SmolLM2-135M float32 on 2 cores: put 1-1.7 s and ~1 s per engine; as numpy: put
+    0.1-0.5 s, 0.01 s per engine). Bytes rather than typed arrays, since numpy has no
+    bfloat16.
+    """
+    import torch
+
+    packed = {}
+    for name, tensor in state_dict.items():
+        t = tensor.detach().to("cpu").contiguous()
+        raw = t.reshape(-1).view(torch.uint8).numpy()
+        packed[name] = (raw, str(t.dtype).removeprefix("torch."), tuple(t.shape))
+    return packed
+
+
+def unpack_state_dict(packed: PackedStateDict) -> dict[str, torch.Tensor]:
+    """The tensors of :func:`pack_state_dict`: read-only views of the object store's memory."""
+    import warnings
+
+    import torch
+
+    out = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "non-writable array": only read here
+        for name, (raw, dtype, shape) in packed.items():
+            if raw.size == 0:  # no bytes to view
+                out[name] = torch.empty(shape, dtype=getattr(torch, dtype))
+            else:
+                out[name] = torch.from_numpy(raw).view(getattr(torch, dtype)).reshape(shape)
+    return out
 
 
 def actor_lost_errors() -> tuple[type[BaseException], ...]:
