@@ -41,13 +41,14 @@ import torch
 
 from taurl.agents.backend import InferenceBackend, make_backend
 from taurl.agents.loop import Agent, AgentConfig
+from taurl.agents.ray_backend import RayConfig
 from taurl.config import config_from_dict, config_to_dict, dump_config
 from taurl.errors import ConfigError, TaurlError
 from taurl.learners import AlgorithmOptions, Learner, LearnerConfig, distributed
 from taurl.models import resolve_model
 from taurl.rollout.commands import BackendConfig
 from taurl.rollout.eval import EvalConfig, evaluate
-from taurl.rollout.runner import RolloutConfig, run_rollout
+from taurl.rollout.runner import EnvFactory, RolloutConfig, run_rollout
 from taurl.types import SamplingParams, Trajectory
 
 CHECKPOINTS = "checkpoints"
@@ -91,6 +92,8 @@ class TrainConfig:
     )
     # the inference engine: vllm (in-process, default), server, or hf
     backend: BackendConfig = field(default_factory=BackendConfig)
+    # Ray scale-out (ray.address=local|auto|ray://...): engines and env workers as actors; off by default
+    ray: RayConfig = field(default_factory=RayConfig)
     # evaluate on the held-out split every this many iterations (0 = never; also at the end)
     eval_every: int = 4
     # held-out tasks per evaluation (greedy, one sample each)
@@ -352,9 +355,17 @@ async def train_async(
             distributed.shutdown()
         return run.path
     own_backend = backend is None
-    if backend is None:
-        with distributed.without_torchrun_env():  # the engine's own processes are no ranks
+    ray_rollout = None
+    with distributed.without_torchrun_env():  # the engine's own processes are no ranks
+        if cfg.ray.enabled:  # Ray (engine and env worker actors) is imported only when asked for
+            from taurl.rollout.ray_envs import RayRollout
+
+            ray_rollout = RayRollout(cfg.ray)
+        if backend is None and ray_rollout is not None:
+            backend = ray_rollout.make_backend(cfg.backend.kind, model_path, cfg.backend.options)
+        elif backend is None:
             backend = make_backend(cfg.backend.kind, model_path, **cfg.backend.options)
+    make_env = ray_rollout.make_env if ray_rollout is not None else None
     logger = _Logger(run, cfg.tensorboard)
     from transformers import AutoTokenizer
 
@@ -369,7 +380,7 @@ async def train_async(
         initial_sync_s = time.perf_counter() - t0
         agent = Agent(backend, tokenizer, cfg.rollout.agent)
         for it in range(start_iter, cfg.iterations):
-            metrics = await _iteration(cfg, run, agent, backend, learner, it)
+            metrics = await _iteration(cfg, run, agent, backend, learner, it, make_env)
             if it == start_iter:
                 metrics["timing/initial_sync_s"] = initial_sync_s
             elapsed_min = (time.perf_counter() - t_start) / 60
@@ -378,7 +389,7 @@ async def train_async(
             )
             if cfg.eval_every and cfg.eval_episodes and ((it + 1) % cfg.eval_every == 0 or last):
                 t0 = time.perf_counter()
-                metrics.update(await _evaluate(cfg, agent))
+                metrics.update(await _evaluate(cfg, agent, make_env))
                 metrics["timing/eval_s"] = time.perf_counter() - t0
             if (it + 1) % cfg.checkpoint_every == 0 or last:
                 t0 = time.perf_counter()
@@ -395,6 +406,8 @@ async def train_async(
         logger.close()
         if own_backend:
             await backend.close()
+        if ray_rollout is not None:
+            ray_rollout.close()
         distributed.shutdown()
     return run.path
 
@@ -437,13 +450,13 @@ def _follow(learner: Learner, run: RunDir) -> None:
 
 async def _iteration(
     cfg: TrainConfig, run: RunDir, agent: Agent, backend: InferenceBackend, learner: Learner,
-    it: int,
+    it: int, make_env: EnvFactory | None = None,
 ) -> dict[str, float]:
     t0 = time.perf_counter()
     rollout_cfg = dataclasses.replace(
         cfg.rollout, seed=cfg.seed, task_offset=it * cfg.rollout.num_tasks, split="train"
     )
-    result = await run_rollout(agent, rollout_cfg)
+    result = await run_rollout(agent, rollout_cfg, make_env=make_env)
     trajs = result.trajectories
     t1 = time.perf_counter()
     metrics = rollout_metrics(trajs)
@@ -467,7 +480,9 @@ async def _iteration(
     return metrics
 
 
-async def _evaluate(cfg: TrainConfig, agent: Agent) -> dict[str, float]:
+async def _evaluate(
+    cfg: TrainConfig, agent: Agent, make_env: EnvFactory | None = None
+) -> dict[str, float]:
     eval_cfg = EvalConfig(
         envs=[cfg.rollout.env_id], split="heldout", episodes=cfg.eval_episodes, samples=1,
         seed=cfg.seed, env_kwargs={cfg.rollout.env_id: dict(cfg.rollout.env_kwargs)},
@@ -476,7 +491,7 @@ async def _evaluate(cfg: TrainConfig, agent: Agent) -> dict[str, float]:
             cfg.rollout.agent, sampling=dataclasses.replace(cfg.rollout.agent.sampling, temperature=0.0)
         ),
     )
-    results = await evaluate(agent, eval_cfg)
+    results = await evaluate(agent, eval_cfg, make_env=make_env)
     res = results[cfg.rollout.env_id]
     return {"eval/success": res.metrics.success_rate, "eval/return": res.metrics.mean_return}
 
