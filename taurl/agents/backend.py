@@ -220,3 +220,23 @@ def model_max_len(model_dir: Path) -> int:
     """``max_position_embeddings`` from a model folder's config.json (8192 when absent)."""
     cfg = json.loads((model_dir / "config.json").read_text())
     return int(cfg.get("max_position_embeddings", 8192))
+
+
+def torch_dtype_of(dtype: str, model_path: Path) -> torch.dtype:
+    """The torch dtype named by ``dtype``; ``"auto"`` means the checkpoint's (float32 if unsaid).
+
+    Raises:
+        BackendError: ``dtype`` names no floating-point torch dtype.
+    """
+    import torch
+
+    if dtype == "auto":
+        config = json.loads((model_path / "config.json").read_text())
+        dtype = str(config.get("dtype") or config.get("torch_dtype") or "float32")
+    names = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "half": torch.float16}
+    if dtype not in names:
+        raise BackendError(
+            f"dtype must be one of auto, {', '.join(names)}, got {dtype!r}"
+        )
+    return names[dtype]

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from taurl.agents.backend import BackgroundLoop, InferenceBackend, check_prompt
+from taurl.agents.backend import BackgroundLoop, InferenceBackend, check_prompt, torch_dtype_of
 from taurl.errors import BackendError
-from taurl.models import resolve_model
+from taurl.models import cpu_has_native_bf16, resolve_model
 from taurl.types import FinishReason, Generation, SamplingParams
 
 if TYPE_CHECKING:
@@ -44,7 +44,9 @@ class HFBackend(InferenceBackend):
 
     Args:
         model: a built-in model name, a folder, or a cached hub id (``resolve_model``).
-        dtype: torch dtype name of the weights (``"float32"`` for reference log-probs).
+        dtype: the weights' dtype: ``"float32"`` (reference log-probs), ``"bfloat16"``,
+            ``"float16"``, or ``"auto"``: the checkpoint's, except float32 on CPUs without
+            native bf16 (as :class:`~taurl.agents.vllm_backend.VLLMBackend`).
         device: torch device; None = ``"cuda"`` when available, else ``"cpu"``.
         max_batch_size: most requests decoded together in one batch.
         max_model_len: most tokens (prompt + new) in one sequence.
@@ -73,11 +75,6 @@ class HFBackend(InferenceBackend):
             raise BackendError(f"HFBackend max_batch_size must be >= 1, got {max_batch_size}")
         if max_model_len < 2:
             raise BackendError(f"HFBackend max_model_len must be >= 2, got {max_model_len}")
-        torch_dtype = getattr(torch, dtype, None)
-        if not isinstance(torch_dtype, torch.dtype):
-            raise BackendError(
-                f"HFBackend dtype must name a torch dtype (float32, bfloat16, float16), got {dtype!r}"
-            )
         if num_threads is not None:
             if num_threads < 1:
                 raise BackendError(f"HFBackend num_threads must be >= 1 or None, got {num_threads}")
@@ -85,6 +82,12 @@ class HFBackend(InferenceBackend):
         self.num_threads = torch.get_num_threads()
         self.model_path = resolve_model(model)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if dtype == "auto" and self.device.type == "cpu" and not cpu_has_native_bf16():
+            dtype = "float32"  # bf16 is emulated, and several times slower, on such CPUs
+        try:
+            torch_dtype = torch_dtype_of(dtype, self.model_path)
+        except BackendError as e:
+            raise BackendError(f"HFBackend {e}") from None
         self.model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch_dtype)
         self.model.to(self.device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)

@@ -42,6 +42,7 @@ from taurl.agents.backend import (
     BackgroundLoop,
     InferenceBackend,
     check_prompt,
+    torch_dtype_of,
     remove_weights_dir,
     write_weights_dir,
 )
@@ -155,7 +156,7 @@ class VLLMBackend(InferenceBackend):
         if on_cpu and options.get("dtype") == "auto" and not cpu_has_native_bf16():
             # bf16 is emulated (and several times slower than float32) without AMX/AVX512-BF16.
             options["dtype"] = "float32"
-        self.weight_dtype = _torch_dtype(str(options.get("dtype")), self.model_path)
+        self.weight_dtype = torch_dtype_of(str(options.get("dtype")), self.model_path)
         options.setdefault("enforce_eager", on_cpu if enforce_eager is None else enforce_eager)
         if on_cpu:
             options.setdefault("enable_chunked_prefill", False)  # see the module docstring
@@ -285,16 +286,3 @@ class VLLMBackend(InferenceBackend):
 async def _shutdown(engine: AsyncLLM) -> None:
     """Shut ``engine`` down on its own loop (its output task lives there)."""
     engine.shutdown()
-
-
-def _torch_dtype(dtype: str, model_path: Path) -> torch.dtype:
-    """The torch dtype an engine of ``dtype`` holds its weights in ("auto": the checkpoint's)."""
-    import json
-
-    import torch
-
-    if dtype == "auto":
-        config = json.loads((model_path / "config.json").read_text())
-        dtype = str(config.get("dtype") or config.get("torch_dtype") or "float32")
-    return {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
-            "float16": torch.float16, "half": torch.float16}.get(dtype, torch.float32)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
+import json
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -239,3 +240,18 @@ def test_hf_stop_strings_and_weight_updates(
     assert [g.token_ids for g in gather(hf_backend, RAGGED[:2], greedy)] == [
         g.token_ids for g in before
     ]
+
+
+def test_hf_dtype_auto_follows_the_cpu_and_a_wrong_name_says_the_choices(tiny_model_path: Path) -> None:
+    from taurl.models import cpu_has_native_bf16
+
+    backend = HFBackend(tiny_model_path, dtype="auto", device="cpu", max_batch_size=1, max_model_len=64)
+    try:
+        checkpoint = json.loads((tiny_model_path / "config.json").read_text())
+        saved = str(checkpoint.get("dtype") or checkpoint.get("torch_dtype") or "float32")
+        expected = getattr(torch, saved) if cpu_has_native_bf16() else torch.float32
+        assert next(backend.model.parameters()).dtype == expected
+    finally:
+        backend.close_sync()
+    with pytest.raises(BackendError, match="HFBackend dtype must be one of auto, float32.*got 'fp8'"):
+        HFBackend(tiny_model_path, dtype="fp8", max_batch_size=1)
