@@ -47,6 +47,7 @@ from taurl.agents.backend import (
     remove_weights_dir,
     write_weights_dir,
 )
+from taurl.agents.vllm_worker import RELOAD_METHOD, WORKER_EXTENSION
 from taurl.errors import BackendError
 from taurl.models import resolve_model
 from taurl.types import Generation, SamplingParams
@@ -112,6 +113,11 @@ class VLLMServerBackend(InferenceBackend):
         log_dir: where started servers write ``replica-<i>.log`` (default: a temp dir).
         weights_dir: parent of the temporary weight folders (default: the system
             temp dir; must be shared with replicas on other machines).
+        taurl_worker: the servers load taurl's vLLM worker extension
+            (``--worker-extension-cls taurl.agents.vllm_worker.TaurlWorkerExtension``), whose
+            reload also refreshes a tied LM head's CPU kernel (:mod:`taurl.agents.vllm_worker`);
+            None: True for started servers, False for attached ones (start those with the
+            flag and pass True, or CPU servers of tied-embedding models keep a stale head).
     """
 
     def __init__(
@@ -132,6 +138,7 @@ class VLLMServerBackend(InferenceBackend):
         retry_timeout: float = 600.0,
         log_dir: str | Path | None = None,
         weights_dir: str | Path | None = None,
+        taurl_worker: bool | None = None,
     ) -> None:
         if urls is not None and not urls:
             raise BackendError(
@@ -158,8 +165,11 @@ class VLLMServerBackend(InferenceBackend):
             "--model", str(self.model_path),
             "--host", "127.0.0.1", "--dtype", dtype, "--max-model-len", str(max_model_len),
             "--seed", str(seed), "--enable-scale-out", "--disable-log-stats",
-            "--served-model-name", "taurl-policy", *serve_args,
+            "--served-model-name", "taurl-policy", "--worker-extension-cls", WORKER_EXTENSION,
+            *serve_args,
         ]  # fmt: skip
+        use_extension = self.managed if taurl_worker is None else taurl_worker
+        self._reload_method = RELOAD_METHOD if use_extension else "reload_weights"
         import torch
 
         on_cpu = not torch.cuda.is_available()
@@ -394,7 +404,7 @@ class VLLMServerBackend(InferenceBackend):
                 try:
                     await self._post_json(
                         r, "/collective_rpc",
-                        {"method": "reload_weights", "kwargs": {"weights_path": str(path)}},
+                        {"method": self._reload_method, "kwargs": {"weights_path": str(path)}},
                     )  # fmt: skip
                     await self._post_json(r, "/reset_prefix_cache")
                 finally:

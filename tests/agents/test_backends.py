@@ -163,6 +163,29 @@ def test_vllm_update_weights_changes_the_policy(
     assert [g.token_ids for g in restored] == [g.token_ids for g in before]
 
 
+@pytest.mark.vllm
+def test_vllm_update_of_a_tied_embedding_reaches_the_lm_head(
+    vllm_tiny_mutable: VLLMBackend, hf_tiny: torch.nn.Module
+) -> None:
+    """What the trainer syncs (the learner's export: a tied head appears once, as the
+    embedding) must reach vLLM's LM head too. vLLM's plain ``reload_weights`` left the
+    head's CPU kernel at the first load's weights: 3e-2 off after this update."""
+    from taurl.learners.model import export_state_dict
+
+    new_model = copy.deepcopy(hf_tiny)
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        emb = new_model.get_input_embeddings().weight
+        emb.add_(0.05 * emb.abs().mean() * torch.randn(emb.shape, generator=gen))
+    state = export_state_dict(new_model)
+    assert "lm_head.weight" not in state  # tied: sent once, as the embedding
+    asyncio.run(vllm_tiny_mutable.update_weights(state, version=1))
+    sp = SamplingParams(max_tokens=16, temperature=1.0, seed=5)
+    for prompt, g in zip(PROMPTS, gather(vllm_tiny_mutable, PROMPTS, sp), strict=True):
+        ref = hf_logprobs(new_model, prompt, g.token_ids)
+        assert max(abs(a - b) for a, b in zip(g.logprobs, ref, strict=True)) < 1e-4
+
+
 def test_make_backend_names_the_valid_kinds() -> None:
     with pytest.raises(BackendError, match="expected one of .*'vllm'.*Did you mean 'vllm'"):
         make_backend("vlm", "tiny-random")
