@@ -155,8 +155,10 @@ def check_same_as_one_process(name: str, results: dict, model: Path, tmp_path: P
     assert any(not torch.equal(base[k], v) for k, v in weights.items()), "nothing learned"
     # A second AdamW step divides near-zero gradients (whose float32 sums depend on the
     # summation order) by their own small magnitudes: one process with another
-    # micro-batch size differs from itself by 1.6e-5 after two steps at this lr.
-    atol = 1e-5 if CASES[name][2] == 1 else 5e-5
+    # micro-batch size differs from itself by 1.6e-5 after two steps at this lr. On an
+    # AVX512 CPU (other float32 kernels) one embedding element of 6.3M (a token seen
+    # once) came out 5.7e-5 off after FSDP2's two steps; every other weight within 6e-6.
+    atol = 1e-5 if CASES[name][2] == 1 else 1e-4
     for k, v in weights.items():
         torch.testing.assert_close(dist_weights[k], v, atol=atol, rtol=1e-4, msg=k)
     for key in METRICS:
