@@ -41,6 +41,7 @@ from taurl.envs.base import (
 )
 from taurl.envs.checker import EpisodeResult, check_env, run_episode
 from taurl.envs.tools import (
+    LenientToolCallParser,
     TagToolCallParser,
     Tool,
     ToolCall,
@@ -55,6 +56,7 @@ __all__ = [
     "SPLITS",
     "EpisodeResult",
     "MessagesSpace",
+    "LenientToolCallParser",
     "TagToolCallParser",
     "Task",
     "TextEnv",

@@ -43,7 +43,7 @@ import gymnasium
 import numpy as np
 
 from taurl.envs.tools import (
-    TagToolCallParser,
+    TOOL_CALL_PARSERS,
     Tool,
     ToolCallParser,
     ToolSchema,
@@ -294,6 +294,15 @@ class ToolEnv(TextEnv):
     without any is the final answer: :meth:`extract_answer` pulls the answer out and
     :meth:`score` rates it, ending the episode.
 
+    What counts as a tool call is the ``parser``'s decision. The default, ``"auto"``
+    (:class:`~taurl.envs.tools.LenientToolCallParser` bound to this env's tool
+    names), reads ``<tool_call>`` blocks and also the tag-less JSON small models
+    write: a message that is a JSON call object, or ```` ```json ```` fences holding
+    one; JSON that does not name one of the env's tools stays a final answer.
+    ``"tags"`` reads ``<tool_call>`` blocks only (strict); any object with a
+    ``parse(text) -> (calls, errors)`` method plugs in another format. The name works
+    as an env kwarg, e.g. ``env_kwargs: {parser: tags}`` in a YAML config.
+
     Rewards: the final turn earns ``score``; every turn with a failed call (malformed
     JSON, unknown tool, bad arguments, a tool that raised or timed out, calls over the
     per-turn limit) costs ``format_penalty`` once; the first turn with a successful
@@ -312,7 +321,10 @@ class ToolEnv(TextEnv):
         tool_call_bonus: Added once per episode, on the first turn with a successful call (>= 0).
         success_threshold: A final reward at or above this counts as success.
         max_tool_output_chars: Tool outputs are cut to this many characters.
-        parser: How tool calls are found in text; defaults to :class:`TagToolCallParser`.
+        parser: How tool calls are found in text: ``"auto"`` (default; tags, JSON fences
+            or a bare JSON call to one of ``tools``), ``"tags"`` (``<tool_call>`` blocks
+            only), or a :class:`~taurl.envs.tools.ToolCallParser` object. None means
+            the default.
         system_prompt: Optional system message at the start of the first observation.
     """
 
@@ -328,7 +340,7 @@ class ToolEnv(TextEnv):
         tool_call_bonus: float = 0.0,
         success_threshold: float = 1.0,
         max_tool_output_chars: int = 2000,
-        parser: ToolCallParser | None = None,
+        parser: ToolCallParser | str | None = "auto",
         system_prompt: str | None = None,
     ) -> None:
         super().__init__(split, max_turns=max_turns, system_prompt=system_prompt)
@@ -342,8 +354,19 @@ class ToolEnv(TextEnv):
                 raise ConfigError(f"{name}: {key} must be a finite number >= 0, got {value!r} (0 turns it off)")
         if not isinstance(max_tool_output_chars, int) or max_tool_output_chars < 16:
             raise ConfigError(f"{name}: max_tool_output_chars must be an int >= 16, got {max_tool_output_chars!r}")
-        if parser is not None and not callable(getattr(parser, "parse", None)):
-            raise ConfigError(f"{name}: parser must have a parse(text) -> (calls, errors) method, got {parser!r}")
+        if parser is None:
+            parser = "auto"
+        if isinstance(parser, str):
+            if parser not in TOOL_CALL_PARSERS:
+                raise ConfigError(
+                    f"{name}: parser must be one of {sorted(TOOL_CALL_PARSERS)} or an object with a "
+                    f"parse(text) -> (calls, errors) method, got {parser!r}"
+                )
+        elif not callable(getattr(parser, "parse", None)):
+            raise ConfigError(
+                f"{name}: parser must have a parse(text) -> (calls, errors) method, or be one of "
+                f"{sorted(TOOL_CALL_PARSERS)}, got {parser!r}"
+            )
         self.tools: dict[str, Tool] = {}
         for t in tools:
             tool = as_tool(t)
@@ -356,7 +379,10 @@ class ToolEnv(TextEnv):
         self.tool_call_bonus = float(tool_call_bonus)
         self.success_threshold = float(success_threshold)
         self.max_tool_output_chars = max_tool_output_chars
-        self.parser: ToolCallParser = parser if parser is not None else TagToolCallParser()
+        # Built after the tools: "auto" needs their names to tell calls from JSON answers.
+        self.parser: ToolCallParser = (
+            TOOL_CALL_PARSERS[parser](self.tools.keys()) if isinstance(parser, str) else parser
+        )
         self._schemas = [t.schema for t in self.tools.values()]
         self._bonus_paid = False
 

@@ -167,7 +167,8 @@ def test_custom_parser_plugs_in() -> None:
         ({"tool_timeout_s": -1}, "tool_timeout_s must be a number > 0 or None"),
         ({"format_penalty": -0.1}, "format_penalty must be a finite number >= 0"),
         ({"tool_call_bonus": float("nan")}, "tool_call_bonus must be a finite number >= 0"),
-        ({"parser": "tags"}, "parser must have a parse(text)"),
+        ({"parser": "tag"}, "parser must be one of"),
+        ({"parser": 3}, "parser must have a parse(text)"),
     ],
 )
 def test_config_errors(kwargs: dict, message: str) -> None:
