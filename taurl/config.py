@@ -44,8 +44,11 @@ def _type_name(tp: object) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _coerce(value: object, tp: object, where: str) -> object:
-    """Return ``value`` checked (and, where lossless, converted) against type ``tp``."""
+def _coerce(value: object, tp: object, where: str, base: object = None) -> object:
+    """Return ``value`` checked (and, where lossless, converted) against type ``tp``.
+
+    A mapping for a dataclass of ``base``'s type changes ``base`` (see :func:`_build`).
+    """
     origin = get_origin(tp)
     if tp is typing.Any or tp is object or isinstance(tp, (str, typing.ForwardRef)):
         # object, Any, and the recursive JSONValue alias (a forward reference) take any value
@@ -59,7 +62,7 @@ def _coerce(value: object, tp: object, where: str) -> object:
                 f"{where}: expected a mapping for {tp.__name__}, got {type(value).__name__} "
                 f"{value!r}"
             )
-        return _build(tp, value, where)
+        return _build(tp, value, where, base if isinstance(base, tp) else None)
     if origin is Literal:
         if value in get_args(tp):
             return value
@@ -67,7 +70,7 @@ def _coerce(value: object, tp: object, where: str) -> object:
     if origin in (Union, types.UnionType):
         for arg in get_args(tp):
             try:
-                return _coerce(value, arg, where)
+                return _coerce(value, arg, where, base)
             except ConfigError:
                 continue
         raise ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
@@ -116,7 +119,8 @@ def _coerce(value: object, tp: object, where: str) -> object:
     raise ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
 
 
-def _build(cls: type[C], data: Mapping[str, object], where: str) -> C:
+def _build(cls: type[C], data: Mapping[str, object], where: str, base: C | None = None) -> C:
+    """``cls`` from ``data``; keys it leaves out take ``base``'s values, or without one the field defaults."""
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
     hints = get_type_hints(cls)
     kwargs: dict[str, object] = {}
@@ -124,9 +128,9 @@ def _build(cls: type[C], data: Mapping[str, object], where: str) -> C:
         name = f"{where}.{key}" if where else str(key)
         if key not in fields:
             raise ConfigError(f"unknown config key {name!r}; {_nearest(str(key), list(fields))}")
-        kwargs[key] = _coerce(value, hints[key], name)
+        kwargs[key] = _coerce(value, hints[key], name, getattr(base, key, None))
     try:
-        return cls(**kwargs)
+        return cls(**kwargs) if base is None else dataclasses.replace(base, **kwargs)  # type: ignore[type-var]
     except ConfigError:
         raise
     except (TypeError, ValueError) as e:
@@ -191,15 +195,28 @@ def _fix_yaml_floats(node: object) -> object:
     return node
 
 
-def config_from_dict(cls: type[C], data: Mapping[str, object]) -> C:
-    """Build dataclass ``cls`` from a nested mapping, checking keys and types."""
-    return _build(cls, data, "")
+def config_from_dict(cls: type[C], data: Mapping[str, object], *, base: C | None = None) -> C:
+    """Build dataclass ``cls`` from a nested mapping, checking keys and types.
+
+    Without ``base``, a key ``data`` leaves out takes its field's default, and a nested
+    section ``data`` gives (even in part) is built on its class's defaults. With ``base``,
+    ``data`` changes only the keys it names, at every depth, and everything else keeps
+    ``base``'s value (``base`` is not modified; the result shares its unchanged values).
+    """
+    return _build(cls, data, "", base)
 
 
 def load_config(
-    cls: type[C], path: str | Path | None = None, overrides: Sequence[str] = ()
+    cls: type[C],
+    path: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    *,
+    base: C | None = None,
 ) -> C:
-    """Load ``cls`` from an optional YAML file, then apply ``key=value`` overrides."""
+    """Load ``cls`` from an optional YAML file, then apply ``key=value`` overrides.
+
+    ``base``: the config they change, key by key (see :func:`config_from_dict`).
+    """
     data: dict[str, object] = {}
     if path is not None:
         p = Path(path)
@@ -217,7 +234,7 @@ def load_config(
             )
         data = _fix_yaml_floats(loaded)  # type: ignore[assignment]
     data = _merge(data, parse_overrides(overrides))
-    return config_from_dict(cls, data)
+    return config_from_dict(cls, data, base=base)
 
 
 def config_to_dict(cfg: object) -> dict[str, object]:

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
 
 from taurl import __version__
-from taurl.cli import main
+from taurl.cli import build_parser, eval_command, main
+from taurl.rollout.eval import EvalConfig
+from taurl.types import SamplingParams
 
 
 def test_version() -> None:
@@ -28,3 +34,26 @@ def test_unknown_model_is_a_clean_error(capsys) -> None:
     assert main(["models", "prepare", "smolm2"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("taurl: error: unknown model 'smolm2'")
+
+
+@pytest.mark.parametrize("flags", [["--max-turns", "3"], ["--max-tokens", "17"], ["eval.agent.max_turns=3"]])
+def test_eval_agent_flags_keep_greedy_sampling(flags: list[str]) -> None:
+    """`taurl eval --max-turns N` changes max_turns only: eval stays greedy (temperature 0)."""
+    cmd = eval_command(build_parser().parse_args(["eval", *flags]))
+    default = EvalConfig().agent
+    assert cmd.eval.agent.sampling.temperature == 0.0
+    if "--max-tokens" in flags:
+        assert cmd.eval.agent == replace(default, sampling=replace(default.sampling, max_tokens=17))
+    else:
+        assert cmd.eval.agent == replace(default, max_turns=3)
+
+
+def test_eval_flags_keep_the_config_files_agent_settings(tmp_path: Path) -> None:
+    p = tmp_path / "eval.yaml"
+    p.write_text("eval:\n  agent:\n    max_context_tokens: 512\n    sampling: {top_p: 0.5}\n")
+    args = ["eval", "--config", str(p), "--max-turns", "3", "--max-tokens", "17"]
+    agent = eval_command(build_parser().parse_args(args)).eval.agent
+    assert (agent.max_turns, agent.max_context_tokens) == (3, 512)
+    assert agent.sampling == SamplingParams(max_tokens=17, temperature=0.0, top_p=0.5)
+    sampled = eval_command(build_parser().parse_args(["eval", "--temperature", "0.7", "--samples", "4"]))
+    assert sampled.eval.agent.sampling.temperature == 0.7 and sampled.eval.samples == 4

@@ -98,3 +98,23 @@ def test_json_valued_fields_take_nested_yaml() -> None:
     cfg = load_config(WithOptions, None, ["options.engine={max_num_batched_tokens: 32768}",
                                           "options.dtype=float32"])
     assert cfg.options == {"engine": {"max_num_batched_tokens": 32768}, "dtype": "float32"}
+
+
+@dataclass
+class Outer:
+    name: str = "run"  # run name
+    optim: Optim = field(default_factory=lambda: Optim(lr=5e-6, betas=(0.8, 0.9)))  # not Optim()'s defaults
+
+
+def test_a_base_keeps_every_field_the_data_does_not_name(tmp_path) -> None:
+    # Without a base, a section given in part is rebuilt from its class's defaults.
+    assert load_config(Outer, None, ["optim.lr=1e-5"]).optim == Optim(lr=1e-5)
+    # With one, only the named keys change, however deep they are.
+    p = tmp_path / "c.yaml"
+    p.write_text("name: b\n")
+    base = Outer()
+    cfg = load_config(Outer, p, ["optim.lr=1e-5"], base=base)
+    assert cfg == Outer(name="b", optim=Optim(lr=1e-5, betas=(0.8, 0.9)))
+    assert base == Outer()  # not modified
+    with pytest.raises(ConfigError, match="iterations must be >= 1, got 0"):  # still validated
+        load_config(Demo, None, ["iterations=0"], base=Demo())

@@ -81,6 +81,22 @@ def test_two_iterations_per_preset_change_the_policy(
     assert (run / "samples.md").read_text().count("### ") == 4
 
 
+def test_held_out_evaluation_samples_greedily_on_the_live_engine(
+    tmp_path: Path, vllm_tiny_mutable, record_sampling
+) -> None:
+    """Training samples at rollout.agent's temperature; the in-loop evaluation at 0."""
+    backend = record_sampling(vllm_tiny_mutable)
+    cfg = tiny_config(tmp_path, "grpo", iterations="1", eval_every="1",
+                      **{"rollout.agent.sampling.temperature": "1.0"})
+    run = asyncio.run(train_async(cfg, backend=backend))
+    used: dict[str, set[tuple[float, int]]] = {"train": set(), "heldout": set()}
+    for session_id, sampling in backend.requests:
+        used[session_id.split(":")[-3]].add((sampling.temperature, sampling.max_tokens))
+    assert used == {"train": {(1.0, 12)}, "heldout": {(0.0, 12)}}
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert "eval/success" in rows[0]
+
+
 def test_resume_continues_like_an_uninterrupted_run(
     tmp_path: Path, vllm_tiny_mutable
 ) -> None:

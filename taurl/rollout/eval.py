@@ -103,7 +103,9 @@ async def evaluate(
 ) -> dict[str, EnvResult]:
     """Run ``config`` with ``agent``; one :class:`EnvResult` per environment id, in order.
 
-    ``make_env`` builds the environments (default ``gymnasium.make``; see :func:`run_rollout`).
+    ``agent`` gives the backend and tokenizer; ``config.agent`` the turns, context and
+    sampling (greedy by default), whatever ``agent.config`` says. ``make_env`` builds the
+    environments (default ``gymnasium.make``; see :func:`run_rollout`).
     """
     results: dict[str, EnvResult] = {}
     for env_id in config.envs:

@@ -168,12 +168,17 @@ async def run_rollout(
     """Run ``num_tasks × samples_per_task`` episodes with up to ``max_in_flight`` at once.
 
     Args:
-        agent: Plays each episode (its backend is shared by all of them).
-        config: Which env, split, tasks and how many in flight.
+        agent: Its backend (shared by all episodes) and tokenizer play each episode.
+        config: Which env, split, tasks and how many in flight; ``config.agent`` sets the
+            turns, context and sampling, whatever ``agent.config`` says.
         output: A JSONL file; each trajectory is appended (and flushed) as it finishes.
         on_trajectory: Called with each trajectory as it finishes (e.g. a streaming learner).
         make_env: Builds each episode's environment (default ``gymnasium.make``).
     """
+    if agent.config != config.agent:
+        # One Agent serves runs with different limits and sampling (the trainer's held-out
+        # evaluation is greedy, its rollouts are not) on the same live engine and weights.
+        agent = Agent(agent.backend, agent.renderer.tokenizer, config.agent)
     slots = asyncio.Semaphore(config.max_in_flight)
     executor = ThreadPoolExecutor(max_workers=config.env_workers, thread_name_prefix="taurl-env")
     results: dict[tuple[int, int], Trajectory] = {}

@@ -13,10 +13,11 @@ import pytest
 from transformers import AutoTokenizer
 
 from taurl.agents.loop import Agent, AgentConfig
+from taurl.cli import build_parser, eval_command
 from taurl.envs import register_env
 from taurl.errors import EnvWorkerLost
 from taurl.rollout.commands import EvalCommand, run_eval_command
-from taurl.rollout.eval import EvalConfig
+from taurl.rollout.eval import EvalConfig, evaluate
 from taurl.rollout.grouping import group_trajectories
 from taurl.rollout.runner import MAX_ENV_RESTARTS, RolloutConfig, run_rollout, task_seed
 from taurl.types import SamplingParams, read_jsonl
@@ -194,3 +195,30 @@ def test_eval_command_is_deterministic_and_compares(vllm_tiny, tmp_path):
     assert c.models == ["tiny-random (1)", "tiny-random (2)"]
     assert [(x.pairs, x.return_diff, x.success_diff) for x in c.comparisons] == [(3, 0.0, 0.0)] * 2
     assert "Δ (tiny-random (2) − tiny-random (1))" in (tmp_path / "c" / "eval.md").read_text()
+
+
+def test_the_rollout_configs_agent_samples_not_the_agent_objects(vllm_tiny, tokenizer, record_sampling):
+    """The trainer evaluates with its training Agent: the eval config's greedy sampling must win."""
+    backend = record_sampling(vllm_tiny)
+    training = Agent(backend, tokenizer, agent_config(max_turns=2, max_tokens=6, temperature=1.0))
+    cfg = RolloutConfig(env_id="taurl/GuessNumber-v0", num_tasks=2, samples_per_task=1, progress=False,
+                        agent=agent_config(max_turns=1, max_tokens=3, temperature=0.0))
+    result = asyncio.run(run_rollout(training, cfg))
+    assert backend.requests and {(s.temperature, s.max_tokens) for _, s in backend.requests} == {(0.0, 3)}
+    assert {t.termination for t in result.trajectories} == {"max_turns"}
+    backend.requests.clear()
+    asyncio.run(evaluate(training, EvalConfig(envs=["taurl/GuessNumber-v0"], episodes=2, progress=False)))
+    assert backend.requests and {s.temperature for _, s in backend.requests} == {0.0}
+    assert training.config.sampling.temperature == 1.0  # the caller's Agent is left as it was
+
+
+@pytest.mark.parametrize("flag", [["--max-turns", "1"], ["--max-tokens", "4"]])
+def test_taurl_eval_with_an_agent_flag_samples_greedily(flag, vllm_tiny, record_sampling, tmp_path):
+    argv = ["eval", "--model", "tiny-random", "--env", "taurl/GuessNumber-v0", "--episodes", "2",
+            "--out", str(tmp_path), "--no-progress", *flag]
+    backend = record_sampling(vllm_tiny)
+    run_eval_command(eval_command(build_parser().parse_args(argv)), lambda model: nullcontext(backend))
+    assert backend.requests and {s.temperature for _, s in backend.requests} == {0.0}
+    recorded = json.loads((tmp_path / "eval.json").read_text())["config"]["eval"]["agent"]
+    assert recorded["sampling"]["temperature"] == 0.0
+    assert (recorded["max_turns"], recorded["sampling"]["max_tokens"]) == ((1, 256) if "--max-turns" in flag else (8, 4))
