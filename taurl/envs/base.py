@@ -43,6 +43,7 @@ import gymnasium
 import numpy as np
 
 from taurl.envs.tools import (
+    FINAL_ANSWER_TOOL,
     TOOL_CALL_PARSERS,
     Tool,
     ToolCallParser,
@@ -303,6 +304,13 @@ class ToolEnv(TextEnv):
     ``parse(text) -> (calls, errors)`` method plugs in another format. The name works
     as an env kwarg, e.g. ``env_kwargs: {parser: tags}`` in a YAML config.
 
+    With ``answer_tool=True`` the env also offers a ``final_answer`` tool: calling it
+    *is* the final answer (its ``answer`` argument is scored and the episode ends), as
+    with a ``submit`` tool in agent benchmarks. Models trained on function calling often
+    finish that way rather than in plain text; a plain-text final answer still works.
+    Calls before ``final_answer`` in the same message run (their errors count), calls
+    after it do not.
+
     Rewards: the final turn earns ``score``; every turn with a failed call (malformed
     JSON, unknown tool, bad arguments, a tool that raised or timed out, calls over the
     per-turn limit) costs ``format_penalty`` once; the first turn with a successful
@@ -340,6 +348,7 @@ class ToolEnv(TextEnv):
         tool_call_bonus: float = 0.0,
         success_threshold: float = 1.0,
         max_tool_output_chars: int = 2000,
+        answer_tool: bool = False,
         parser: ToolCallParser | str | None = "auto",
         system_prompt: str | None = None,
     ) -> None:
@@ -367,8 +376,11 @@ class ToolEnv(TextEnv):
                 f"{name}: parser must have a parse(text) -> (calls, errors) method, or be one of "
                 f"{sorted(TOOL_CALL_PARSERS)}, got {parser!r}"
             )
+        if not isinstance(answer_tool, bool):
+            raise ConfigError(f"{name}: answer_tool must be true or false, got {answer_tool!r}")
+        self.answer_tool = answer_tool
         self.tools: dict[str, Tool] = {}
-        for t in tools:
+        for t in [*tools, FINAL_ANSWER_TOOL] if answer_tool else tools:
             tool = as_tool(t)
             if tool.name in self.tools:
                 raise ConfigError(f"{name}: two tools are named {tool.name!r}; tool names must be unique")
@@ -418,6 +430,13 @@ class ToolEnv(TextEnv):
             result = call_tool(
                 self.tools, call, timeout_s=self.tool_timeout_s, max_output_chars=self.max_tool_output_chars
             )
+            if self.answer_tool and call.name == FINAL_ANSWER_TOOL.name and not result.error:
+                final = self._final_turn(result.content, extract=False)
+                penalty = -self.format_penalty if errors else 0.0
+                info = {**final.info, "tool_calls": len(calls) + len(parse_errors), "tool_errors": len(errors)}
+                if errors:
+                    info["error"] = "; ".join(errors)
+                return Turn([], final.reward + penalty, True, info)
             blocks.append(format_tool_response(result))
             if result.error:
                 errors.append(result.content.removeprefix("Error: "))
@@ -437,9 +456,9 @@ class ToolEnv(TextEnv):
             info["error"] = "; ".join(errors)
         return Turn([user("\n".join(blocks))], reward, False, info)
 
-    def _final_turn(self, action: str) -> Turn:
+    def _final_turn(self, action: str, extract: bool = True) -> Turn:
         task = cast(Task, self.task)  # step() has checked that an episode is running
-        verdict = self.score(task, self.extract_answer(action))
+        verdict = self.score(task, self.extract_answer(action) if extract else action.strip())
         reward = float(verdict)
         success = bool(verdict) if isinstance(verdict, bool) else reward >= self.success_threshold
         return Turn([], reward, True, {"success": success})

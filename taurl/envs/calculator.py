@@ -26,7 +26,6 @@ where operands up to 20 with ``+-`` gave 1 of 24 (4%); see the README's table.
 from __future__ import annotations
 
 import ast
-import math
 import operator
 from collections.abc import Callable
 
@@ -34,7 +33,7 @@ import gymnasium
 import numpy as np
 
 from taurl.envs.base import Task, ToolEnv, answer_tag, last_number
-from taurl.envs.tools import Tool
+from taurl.envs.tools import Tool, format_number
 from taurl.errors import ConfigError
 from taurl.types import Message
 
@@ -74,13 +73,6 @@ def _evaluate(node: ast.AST) -> float:
     raise ValueError(
         f"unsupported syntax {ast.unparse(node)!r}; use numbers, + - * / // % ** and parentheses"
     )
-
-
-def format_number(value: float) -> str:
-    """``19`` for integral values, else up to 10 significant digits (``0.3333333333``)."""
-    if isinstance(value, int) or (math.isfinite(value) and float(value).is_integer() and abs(value) < 1e16):
-        return str(int(value))
-    return f"{value:.10g}"
 
 
 def calculator(expression: str) -> str:

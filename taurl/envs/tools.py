@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import re
 import threading
 import types
@@ -379,8 +380,9 @@ class LenientToolCallParser:
        another language (```` ```python ````) are never calls.
     3. A bare call object (or list of them) that starts the message, or one that
        ends it after some prose (``I'll use the calculator. {"name": ...}``). As
-       with tags, text after the JSON is ignored; a call object in the middle of
-       prose is not a call.
+       with tags, text after the JSON is ignored, except more call objects right
+       after it (one per line, as models write several calls); a call object in the
+       middle of prose is not a call.
 
     A *call object* is a JSON object whose ``"name"`` is one of ``tool_names`` (with
     ``tool_names=None``, any name, but then the object must also have an
@@ -446,14 +448,23 @@ class LenientToolCallParser:
         """
         if not body.startswith(("{", "[")):
             return
-        value, _, why = _decode_json(body)
+        value, end, why = _decode_json(body)
         if why:
             if self._mentions_tool(body):
                 errors.append(f"malformed tool call: {where} is not valid JSON ({why}); {_TAG_HINT}")
             return
         found_calls, found_errors = self._read_value(value)
-        calls += found_calls
-        errors += found_errors
+        # Several calls are often written one object per line, without a list around them.
+        while found_calls or found_errors:
+            calls += found_calls
+            errors += found_errors
+            start = end + (len(body) - end - len(body[end:].lstrip()))
+            if not body.startswith("{", start):
+                break
+            value, end, why = _decode_json(body, start)
+            if why:
+                break
+            found_calls, found_errors = self._read_value(value) if isinstance(value, dict) else ([], [])
 
     def _read_value(self, value: object) -> tuple[list[ToolCall], list[str]]:
         """Calls and errors of a decoded value: a call object, or a list made only of call objects."""
@@ -708,3 +719,23 @@ def format_tool_prompt(tool_schemas: Sequence[ToolSchema]) -> str:
         "When you know the final answer, reply without any tool call and put the answer "
         "inside <answer></answer> tags."
     )
+
+
+def final_answer(answer: str | float) -> str:
+    """Submit your final answer; this ends the task. Call it once you know the answer.
+
+    Args:
+        answer: The final answer, e.g. "42".
+    """
+    return format_number(answer) if isinstance(answer, (int, float)) else answer
+
+
+def format_number(value: float) -> str:
+    """``19`` for integral values, else up to 10 significant digits (``0.3333333333``)."""
+    if isinstance(value, int) or (math.isfinite(value) and float(value).is_integer() and abs(value) < 1e16):
+        return str(int(value))
+    return f"{value:.10g}"
+
+
+FINAL_ANSWER_TOOL = Tool.from_function(final_answer)
+"""The ``final_answer`` tool of :class:`~taurl.envs.base.ToolEnv` (``answer_tool=True``)."""

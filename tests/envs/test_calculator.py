@@ -116,3 +116,37 @@ def test_word_problems_apply_steps_in_order() -> None:
 def test_config_errors(kwargs: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         CalculatorEnv(**kwargs)
+
+
+def test_final_answer_tool_ends_the_episode_with_its_argument() -> None:
+    env = gymnasium.make("taurl/CalculatorAgent-v0")
+    obs, info = env.reset(seed=3)
+    names = [t["function"]["name"] for t in info["tools"]]
+    assert names == ["calculator", "final_answer"]
+    task = env.unwrapped.task
+    expression = task.privileged_context.split(" = ")[0]
+    # The 0.5B's habit: the call and the answer as two JSON objects, one per line.
+    obs, reward, terminated, truncated, info = env.step(
+        f'{{"name": "calculator", "arguments": {{"expression": "{expression}"}}}}'
+    )
+    assert not terminated and f"{task.answer}" in obs[0]["content"]
+    obs, reward, terminated, truncated, info = env.step(
+        f'{{"name": "calculator", "arguments": {{"expression": "{task.answer}"}}}}\n'
+        f'{{"name": "final_answer", "arguments": {{"answer": {task.answer}}}}}'
+    )
+    assert terminated and not truncated and reward == 1.0 and info["success"] is True
+    assert obs == [] and info["tool_calls"] == 2 and info["tool_errors"] == 0
+
+    env.reset(seed=3)
+    obs, reward, terminated, _, info = env.step('{"name": "final_answer", "arguments": {"answer": "7"}}')
+    assert terminated and reward == 0.0 and info["success"] is False
+
+    env.reset(seed=3)  # a bad final_answer call is an error the model reads, not an answer
+    obs, reward, terminated, _, info = env.step('{"name": "final_answer", "arguments": {"value": 7}}')
+    assert not terminated and reward == -0.1 and "bad arguments for 'final_answer'" in obs[0]["content"]
+
+    plain = gymnasium.make("taurl/Calculator-v0")  # without answer_tool the name is unknown
+    _, info = plain.reset(seed=0)
+    assert [t["function"]["name"] for t in info["tools"]] == ["calculator"]
+    obs, _, terminated, _, _ = plain.step('<tool_call>{"name": "final_answer", "arguments": {"answer": "3"}}</tool_call>')
+    assert not terminated and "unknown tool 'final_answer'" in obs[0]["content"]

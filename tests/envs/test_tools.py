@@ -353,3 +353,16 @@ def test_every_tool_env_takes_the_parser_option(env_id: str) -> None:
         strict.close()
     with pytest.raises(ConfigError, match=r"parser must be one of \['auto', 'tags'\].*got 'tag'"):
         gymnasium.make(env_id, parser="tag", disable_env_checker=True)
+
+
+def test_lenient_parser_reads_call_objects_one_per_line() -> None:
+    from taurl.envs.tools import LenientToolCallParser
+
+    parser = LenientToolCallParser(tool_names=["calculator", "final_answer"])
+    text = ('{"name": "calculator", "arguments": {"expression": "436 * 940"}}\n'
+            '{"name": "final_answer", "arguments": {"answer": "409840"}}')
+    calls, errors = parser.parse(text)
+    assert [c.name for c in calls] == ["calculator", "final_answer"] and not errors
+    # prose or a non-call object after the first call ends the list
+    calls, _ = parser.parse('{"name": "calculator", "arguments": {"expression": "1+1"}}\n{"answer": 2}')
+    assert [c.name for c in calls] == ["calculator"]
