@@ -255,9 +255,11 @@ def load_run_config(run_dir: str | Path) -> TrainConfig:
 
 
 def rollout_metrics(trajs: list[Trajectory], prefix: str = "rollout") -> dict[str, float]:
-    """Means over a batch of episodes: return, success, turns, lengths, terminations."""
+    """Means over a batch of episodes: return, success, turns, tool calls, lengths, terminations."""
     n = max(len(trajs), 1)
     out = {
+        f"{prefix}/tool_calls": sum(int(t.info.get("tool_calls", 0) or 0) for t in trajs) / n,  # type: ignore[arg-type]
+        f"{prefix}/tool_errors": sum(int(t.info.get("tool_errors", 0) or 0) for t in trajs) / n,  # type: ignore[arg-type]
         f"{prefix}/return": sum(t.episode_return for t in trajs) / n,
         f"{prefix}/success": sum(bool(t.success) for t in trajs) / n,
         f"{prefix}/turns": sum(t.num_turns for t in trajs) / n,

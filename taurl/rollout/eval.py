@@ -194,7 +194,7 @@ class EvalReport:
         k_max = max(len(m.pass_at_k) for envs in self.results.values() for m in envs.values())
         pass_cols = [f"pass@{k}" for k in range(1, k_max + 1)]
         header = ["env", "model", "episodes", "return ± 95% CI", "success ± 95% CI", *pass_cols,
-                  "turns", "tool validity", "terminations", "tok/s"]
+                  "turns", "tool calls/ep", "tool validity", "terminations", "tok/s"]
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         env_ids = list(dict.fromkeys(e for envs in self.results.values() for e in envs))
         by_env = {c.env_id: c for c in self.comparisons}
@@ -207,14 +207,15 @@ class EvalReport:
                 row = [env_id, model, str(m.episodes), f"{m.mean_return:.3f} ± {_fmt(m.return_ci95)}",
                        f"{m.success_rate:.3f} ± {_fmt(m.success_ci95)}",
                        *[_fmt(m.pass_at_k.get(str(k))) for k in range(1, k_max + 1)],
-                       f"{m.mean_turns:.2f}", _fmt(m.tool_call_validity), terms, f"{m.tokens_per_s:.1f}"]
+                       f"{m.mean_turns:.2f}", f"{m.tool_calls / m.episodes:.2f}", _fmt(m.tool_call_validity),
+                       terms, f"{m.tokens_per_s:.1f}"]
                 lines.append("| " + " | ".join(row) + " |")
             comp = by_env.get(env_id)
             if comp is not None:
                 row = [env_id, f"Δ ({self.models[1]} − {self.models[0]})", str(comp.pairs),
                        _pm(comp.return_diff, comp.return_diff_ci95),
                        _pm(comp.success_diff, comp.success_diff_ci95),
-                       *[""] * k_max, "", "", "", ""]
+                       *[""] * k_max, "", "", "", "", ""]
                 lines.append("| " + " | ".join(row) + " |")
         return "\n".join(lines) + "\n"
 
