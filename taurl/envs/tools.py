@@ -458,8 +458,11 @@ class LenientToolCallParser:
         while found_calls or found_errors:
             calls += found_calls
             errors += found_errors
-            start = end + (len(body) - end - len(body[end:].lstrip()))
-            if not body.startswith("{", start):
+            rest = body[end:].lstrip()
+            # Objects one per line, or separated by commas as in a list without brackets.
+            rest = rest[1:].lstrip() if rest.startswith(",") else rest
+            start = len(body) - len(rest)
+            if not rest.startswith("{"):
                 break
             value, end, why = _decode_json(body, start)
             if why:

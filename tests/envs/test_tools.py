@@ -366,3 +366,43 @@ def test_lenient_parser_reads_call_objects_one_per_line() -> None:
     # prose or a non-call object after the first call ends the list
     calls, _ = parser.parse('{"name": "calculator", "arguments": {"expression": "1+1"}}\n{"answer": 2}')
     assert [c.name for c in calls] == ["calculator"]
+
+
+def test_lenient_parser_reads_comma_separated_call_objects() -> None:
+    from taurl.envs.tools import LenientToolCallParser
+
+    parser = LenientToolCallParser(tool_names=["calculator", "final_answer"])
+    text = ('```json\n{"name": "calculator", "arguments": {"expression": "2*3"}},\n'
+            '{"name": "final_answer", "arguments": {"answer": 6}}\n```')
+    calls, errors = parser.parse(text)
+    assert [c.name for c in calls] == ["calculator", "final_answer"] and not errors
+
+
+def test_answer_tool_scores_the_whole_argument_and_refuses_a_clashing_tool() -> None:
+    from taurl.envs.base import Task, ToolEnv
+    from taurl.errors import ConfigError
+
+    class Echo(ToolEnv):
+        tasks = {"train": [Task(id="t0", prompt="Say it.", answer="x" * 3000)], "heldout": []}
+
+        def score(self, task: Task, answer: str) -> bool:
+            return answer == task.answer
+
+    def ping() -> str:
+        """Answer pong."""
+        return "pong"
+
+    env = Echo([ping], answer_tool=True)
+    env.reset(seed=0)
+    # longer than max_tool_output_chars (2000): scored whole, and through extract_answer
+    _, reward, terminated, _, info = env.step(
+        json.dumps({"name": "final_answer", "arguments": {"answer": "<answer>" + "x" * 3000 + "</answer>"}})
+    )
+    assert terminated and reward == 1.0 and info["success"] is True
+
+    def final_answer(answer: str) -> str:
+        """Mine."""
+        return answer
+
+    with pytest.raises(ConfigError, match="already named 'final_answer'.*answer_tool=False"):
+        Echo([final_answer], answer_tool=True)
