@@ -44,13 +44,13 @@ import numpy as np
 
 from taurl.envs.tools import (
     FINAL_ANSWER_TOOL,
-    final_answer,
     TOOL_CALL_PARSERS,
     Tool,
     ToolCallParser,
     ToolSchema,
     as_tool,
     call_tool,
+    final_answer,
     format_tool_error,
     format_tool_response,
 )

@@ -383,7 +383,7 @@ def test_answer_tool_scores_the_whole_argument_and_refuses_a_clashing_tool() -> 
     from taurl.errors import ConfigError
 
     class Echo(ToolEnv):
-        tasks = {"train": [Task(id="t0", prompt="Say it.", answer="x" * 3000)], "heldout": []}
+        tasks = {"train": [Task(id="t0", prompt="Say it.", answer="x" * 3000)], "heldout": []}  # noqa: RUF012
 
         def score(self, task: Task, answer: str) -> bool:
             return answer == task.answer
