@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job, from a fresh clone: set up .venv, train an agent that acts (GRPO + LoRA on
 # Qwen2.5-Coder-0.5B-Instruct through vLLM: call the calculator, read its result, submit it;
-# <= 40 min on 2 CPU cores), then evaluate base vs trained on 100 held-out tasks (greedy,
+# a 40-min budget, ~45 min on 2 CPU cores, + ~10 min of eval), then evaluate base vs trained on 100 held-out tasks (greedy,
 # paired) and draw the curves.
 # Extra args are key=value overrides of the training config, e.g. iterations=2.
 set -euo pipefail
