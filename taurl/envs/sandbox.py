@@ -33,6 +33,8 @@ Mixed forms such as ``uid+guard`` appear where only some layers are available.
 
 from __future__ import annotations
 
+import concurrent.futures
+import fcntl
 import json
 import os
 import queue
@@ -114,7 +116,7 @@ class SandboxConfig:
     limits: SandboxLimits = field(default_factory=SandboxLimits)  # per-execution default limits
     workers: int = 2  # worker processes = executions that can run at once
     isolation: Literal["strongest", "guard"] = "strongest"  # "guard" forces the fallback
-    uid_base: int = 61000  # worker i runs code as uid/gid uid_base + i (root only)
+    uid_base: int = 61000  # workers run code as the first free uids from here (root only)
     tmpfs_mb: int = 64  # size of the private /tmp of each worker (mount namespace only)
 
     def __post_init__(self) -> None:
@@ -132,20 +134,76 @@ class SandboxConfig:
             raise ValueError(f"SandboxConfig.tmpfs_mb must be >= 1, got {self.tmpfs_mb}")
 
 
+#: Every worker process is started from this one thread. The worker asks the kernel to
+#: kill it when its parent dies (``PR_SET_PDEATHSIG``), and "parent" there means the
+#: *thread* that forked it: a worker started from a short-lived thread (a tool call run
+#: in a thread by the env's tool layer) was killed as soon as that call returned. This
+#: thread lives as long as the process, so workers die with the process, not before.
+_SPAWNER = concurrent.futures.ThreadPoolExecutor(
+    max_workers=1, thread_name_prefix="taurl-sandbox-spawn"
+)
+
+#: How many uids past ``uid_base`` are tried before giving up.
+_UID_RANGE = 4096
+_UID_LOCK_DIR = Path("/run/taurl-sandbox-uids" if os.path.isdir("/run") else "/tmp/taurl-sandbox-uids")
+
+
+class _UidLease:
+    """One sandbox uid held by this worker alone, on this machine, until :meth:`release`.
+
+    The worker kills every process of its uid after each run (``kill(-1)`` as that uid),
+    so two workers sharing a uid kill each other's runs; and code running as a uid can
+    signal and inspect every process of that uid. Each worker therefore takes a uid no
+    other worker, of any :class:`Sandbox` in any process, holds: an exclusive ``flock`` on
+    ``<lock dir>/<uid>`` (released by the kernel if the process dies).
+    """
+
+    def __init__(self, base: int) -> None:
+        _UID_LOCK_DIR.mkdir(mode=0o700, exist_ok=True)
+        for uid in range(base, base + _UID_RANGE):
+            fd = os.open(_UID_LOCK_DIR / str(uid), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            self.uid, self._fd = uid, fd
+            return
+        raise SandboxError(
+            f"no free sandbox uid in {base}..{base + _UID_RANGE - 1}: {_UID_RANGE} sandbox "
+            "workers are running on this machine; close some Sandboxes (or envs owning one)"
+        )
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            # Unlock explicitly: a process forked from this one shares the descriptor.
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = -1
+
+
 class _Worker:
     """One zygote process and the pipes to it. Used by one thread at a time."""
 
-    def __init__(self, index: int, config: SandboxConfig) -> None:
-        uid = config.uid_base + index
+    def __init__(self, config: SandboxConfig) -> None:
+        # A uid is only used when the worker can switch to it (root); leasing one anyway is
+        # cheap and keeps the two modes alike.
+        self.lease = _UidLease(config.uid_base) if os.geteuid() == 0 else None
+        uid = self.lease.uid if self.lease else config.uid_base
         cfg = {"mode": config.isolation, "uid": uid, "gid": uid, "tmpfs_mb": config.tmpfs_mb}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-I", "-S", str(_WORKER_SCRIPT), json.dumps(cfg)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-            env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
-        )
+        try:
+            self.proc = _SPAWNER.submit(
+                subprocess.Popen,
+                [sys.executable, "-I", "-S", str(_WORKER_SCRIPT), json.dumps(cfg)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+                env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+            ).result()
+        except BaseException:
+            self._release()
+            raise
         self._buffer = b""
         hello = self._read_line(deadline=time.monotonic() + 30)
         if hello is None:
@@ -155,6 +213,10 @@ class _Worker:
                 f"(exit status {self.proc.poll()}); run it by hand to see why"
             )
         self.layers: list[str] = json.loads(hello)["isolation"]
+
+    def _release(self) -> None:
+        if self.lease is not None:
+            self.lease.release()
 
     def _read_line(self, deadline: float) -> bytes | None:
         fd = self.proc.stdout.fileno()  # type: ignore[union-attr]
@@ -187,11 +249,13 @@ class _Worker:
         except (ProcessLookupError, PermissionError):
             pass
         self.proc.wait()
+        self._release()  # the worker and its children are gone: the uid is free again
 
     def close(self) -> None:
         try:
             self.proc.stdin.close()  # type: ignore[union-attr]
             self.proc.wait(timeout=5)
+            self._release()
         except (OSError, subprocess.TimeoutExpired):
             self.kill()
         if self.proc.stdout is not None:
@@ -227,8 +291,8 @@ class Sandbox:
         with self._lock:
             if self._started:
                 return
-            for i in range(self.config.workers):
-                worker = _Worker(i, self.config)
+            for _ in range(self.config.workers):
+                worker = _Worker(self.config)
                 self._all.append(worker)
                 self._idle.put(worker)
             self._started = True
@@ -279,7 +343,7 @@ class Sandbox:
     def _replace(self, worker: _Worker) -> _Worker:
         worker.kill()
         index = self._all.index(worker)
-        fresh = _Worker(index, self.config)
+        fresh = _Worker(self.config)
         self._all[index] = fresh
         return fresh
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -175,3 +176,47 @@ def test_private_sandbox_starts_lazily_and_closes() -> None:
     assert "hi" in obs[0]["content"] and env.sandbox._started
     env.close()
     assert not env.sandbox._started
+
+
+def test_private_sandbox_serves_every_call_of_an_episode() -> None:
+    """The tool layer runs each call in a thread; the env's own sandbox must keep working
+    after the call that started it (ok, error, timeout, ok, ok — each result checked)."""
+    limits = SandboxLimits(timeout_s=1.0, cpu_s=2, memory_mb=128, max_processes=8)
+    env = gymnasium.make("taurl/Code-v0", max_turns=8, limits=limits)
+    env.reset(seed=0)
+    expected = [
+        ("print(1)", "exit code 0\nstdout:\n1"),
+        ("raise ValueError('boom')", "ValueError: boom"),
+        ("import time\ntime.sleep(30)", "killed: the program ran longer than 1 s"),
+        ("print(6 * 7)", "exit code 0\nstdout:\n42"),
+        ("print('again')", "exit code 0\nstdout:\nagain"),
+    ]
+    try:
+        for code, want in expected:
+            obs, _, terminated, truncated, info = env.step(_call(code))
+            assert not terminated and not truncated and info["tool_errors"] == 0
+            assert want in obs[0]["content"], (code, obs[0]["content"])
+    finally:
+        env.close()
+
+
+def test_concurrent_episodes_with_private_sandboxes_grade_correctly() -> None:
+    """One env per episode, each with its own sandbox, graded at the same time: the
+    reference solutions must all score 1.0 (sandboxes must not kill each other's runs)."""
+    envs = [CodeEnv("train", limits=LIMITS) for _ in range(8)]
+
+    def play(pair: tuple[int, CodeEnv]) -> float:
+        seed, env = pair
+        env.reset(seed=seed)
+        obs, *_ = env.step(_call("import time\ntime.sleep(0.5)\nprint('slept')"))
+        assert "exit code 0\nstdout:\nslept" in obs[0]["content"], obs[0]["content"]
+        answer = f"<answer>\n```python\n{env.task.privileged_context}\n```\n</answer>"
+        return env.step(answer)[1]
+
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            rewards = list(pool.map(play, enumerate(envs)))
+    finally:
+        for env in envs:
+            env.close()
+    assert rewards == [1.0] * 8

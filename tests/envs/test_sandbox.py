@@ -173,6 +173,38 @@ def test_a_dead_worker_is_replaced() -> None:
         _alive(sandbox)
 
 
+def test_a_sandbox_started_in_a_thread_outlives_the_thread() -> None:
+    """Workers die with the *thread* that forked them (PR_SET_PDEATHSIG): start them from
+    a short-lived thread, as the env's tool layer does, and every later run must work."""
+    with Sandbox(SandboxConfig(workers=1, limits=LIMITS)) as sandbox:
+        sandbox.close()  # started again, lazily, by the thread below
+        with ThreadPoolExecutor(1) as pool:
+            assert pool.submit(sandbox.run, "print(1)").result().stdout == "1\n"
+        for i in range(3):  # the starting thread is gone now
+            result = sandbox.run(f"print({i})")
+            assert result.ok and result.stdout == f"{i}\n", result
+
+
+@pytest.mark.skipif(not _namespaces_available(), reason="the uid layer needs root")
+def test_concurrent_sandboxes_run_as_distinct_uids_and_do_not_kill_each_other() -> None:
+    """Each worker kills its uid's processes after a run: a uid shared by two sandboxes
+    would kill the other's run. Eight one-worker sandboxes sleep at once; all finish."""
+    boxes = [Sandbox(SandboxConfig(workers=1, limits=LIMITS)) for _ in range(8)]
+    try:
+        code = "import os, time\ntime.sleep(0.5)\nprint(os.getuid())"
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(lambda b: b.run(code), boxes))
+        assert all(r.ok for r in results), [r.killed_reason for r in results]
+        uids = {int(r.stdout) for r in results}
+        assert len(uids) == 8 and min(uids) >= SandboxConfig().uid_base
+    finally:
+        for b in boxes:
+            b.close()
+    # closed sandboxes hand their uids back: a new one takes the lowest again
+    with Sandbox(SandboxConfig(workers=1, limits=LIMITS)) as again:
+        assert int(again.run("import os\nprint(os.getuid())").stdout) == min(uids)
+
+
 def test_limits_are_validated() -> None:
     with pytest.raises(ValueError, match="timeout_s must be > 0"):
         SandboxLimits(timeout_s=0)
