@@ -211,6 +211,16 @@ class RunDir:
         _atomic_write(path, "".join(f"{line}\n" for line in keep))
 
 
+def _resolve_model_options(config: LearnerConfig) -> LearnerConfig:
+    """``options.teacher_path`` / ``critic_path`` may name a built-in model, as ``model:`` does."""
+    o = config.options
+    paths = {name: str(resolve_model(getattr(o, name)))
+             for name in ("teacher_path", "critic_path") if getattr(o, name)}
+    if not paths:
+        return config
+    return dataclasses.replace(config, options=dataclasses.replace(o, **paths))
+
+
 def export_policy(learner: Learner, model_path: Path, out: Path) -> None:
     """Write the learner's policy as a Hugging Face folder (config, tokenizer, safetensors)."""
     from safetensors.torch import save_file
@@ -337,7 +347,7 @@ async def train_async(
     start_iter = 0
     model_path = resolve_model(cfg.model)
     _seed_everything(cfg.seed)
-    learner = Learner(cfg.learner, model_path)
+    learner = Learner(_resolve_model_options(cfg.learner), model_path)
     if ckpt is not None:
         learner.load(ckpt / "learner")
         rng = torch.load(ckpt / "rng.pt", weights_only=False)

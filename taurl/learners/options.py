@@ -38,7 +38,8 @@ class AlgorithmOptions:
     kl_in: Literal["reward", "loss"] | None = None  # KL taken from the reward, or added to the loss
     teacher: Teacher | None = None  # none | model | privileged | precomputed (see teacher.py)
     teacher_path: str | None = None  # folder of the teacher model when teacher = model
-    teacher_coef: float | None = None  # λ: weight of the per-token teacher advantage
+    teacher_coef: float | None = None  # λ: weight of the per-token teacher advantage; 0 = the
+    # teacher is scored and reward/teacher_gap logged, but not trained on (a control arm)
     teacher_clip: float | None = None  # clamp teacher - student log-prob gaps to ±this; 0 = none
     advantage_coef: float | None = None  # α: weight of the estimator's advantage; 0 = pure OPD
     # -- trajectory side: how log p_θ(τ) enters the gradient --
@@ -129,11 +130,6 @@ def _check_combination(o: AlgorithmOptions, preset_name: str) -> None:
         raise ConfigError(
             f"{where}: teacher 'model' needs options.teacher_path (a local model folder that "
             "shares the policy's tokenizer)"
-        )
-    if o.teacher != "none" and o.teacher_coef == 0:
-        raise ConfigError(
-            f"{where}: teacher {o.teacher!r} with teacher_coef 0 has no effect; set "
-            "options.teacher_coef > 0 or options.teacher=none"
         )
     if o.teacher == "none" and o.advantage_coef != 1:
         raise ConfigError(

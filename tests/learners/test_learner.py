@@ -187,6 +187,33 @@ def test_precomputed_teacher_reads_info(tiny_model: Path, trajs) -> None:
     assert metrics["adv/mean"] == pytest.approx(1.0, abs=1e-3)  # α = 0: pure OPD
 
 
+def test_teacher_coef_zero_scores_the_teacher_but_trains_as_grpo(tiny_model: Path, trajs) -> None:
+    """λ = 0 is GRPO's control arm: reward/teacher_gap is measured, the advantages are GRPO's."""
+    grpo = Learner(LearnerConfig(algorithm="grpo", lr=1e-3, device="cpu",
+                                 options=AlgorithmOptions(kl_coef=0.0)), tiny_model)
+    opts = AlgorithmOptions(teacher="model", teacher_path=str(tiny_model), teacher_coef=0.0,
+                            loss_agg="seq-mean-token-mean")
+    control = Learner(LearnerConfig(algorithm="grpo_opd", lr=1e-3, device="cpu", options=opts),
+                      tiny_model)
+    want, got = grpo.update(trajs), control.update(trajs)
+    assert "reward/teacher_gap" not in want
+    # the teacher is the policy's own model here, so it agrees with the sampler
+    assert got["reward/teacher_gap"] == pytest.approx(0.0, abs=1e-3)
+    for key in ("adv/mean", "adv/std", "adv/abs_max", "traj/policy_loss"):
+        assert got[key] == pytest.approx(want[key], abs=1e-6), key
+
+
+def test_trainer_resolves_builtin_teacher_names(tiny_model: Path) -> None:
+    from taurl.trainer import _resolve_model_options
+
+    cfg = LearnerConfig(algorithm="grpo_opd",
+                        options=AlgorithmOptions(teacher="model", teacher_path="tiny-random"))
+    assert _resolve_model_options(cfg).options.teacher_path == str(tiny_model)
+    assert cfg.options.teacher_path == "tiny-random"  # the user's config is left as written
+    plain = LearnerConfig(algorithm="grpo")
+    assert _resolve_model_options(plain) is plain
+
+
 def test_teacher_with_another_tokenizer_is_refused(tiny_model: Path, tmp_path) -> None:
     other = tmp_path / "other"
     shutil.copytree(tiny_model, other)
