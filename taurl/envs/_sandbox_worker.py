@@ -103,13 +103,17 @@ def _expose_stdlib() -> None:
     os.rmdir(staging)
 
 
-def _enter_namespaces(tmpfs_mb: int) -> list[str]:
-    """Enter new network + mount namespaces; make everything read-only but a fresh /tmp."""
+def _enter_namespaces(tmpfs_mb: int, hidden: list[str]) -> list[str]:
+    """Enter new network + mount namespaces; make everything read-only but a fresh /tmp,
+    and cover each folder in ``hidden`` with an empty tmpfs only root may open."""
     if _libc.unshare(CLONE_NEWNS | CLONE_NEWNET) != 0:
         return []
     _mount(None, "/", None, MS_REC | MS_PRIVATE, None)
     _mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"size={tmpfs_mb}m,mode=0755")
     _expose_stdlib()
+    for path in hidden:
+        if os.path.isdir(path):
+            _mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k,mode=000")
     with open("/proc/self/mountinfo") as f:
         mounts = [line.split() for line in f]
     for fields in mounts:
@@ -128,9 +132,12 @@ def _enter_namespaces(tmpfs_mb: int) -> list[str]:
     return ["netns", "mountns"]
 
 
-def _install_guard(workdir: str, block_net: bool, block_fs: bool, block_procs: bool) -> None:
+def _install_guard(
+    workdir: str, block_net: bool, block_fs: bool, block_procs: bool, hidden: list[str]
+) -> None:
     """In-process fallback: an audit hook that refuses what the kernel layers could not."""
     workdir = os.path.realpath(workdir)
+    hidden = [os.path.realpath(h) for h in hidden]
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
     proc_events = {
         "os.fork",
@@ -167,7 +174,17 @@ def _install_guard(workdir: str, block_net: bool, block_fs: bool, block_procs: b
         real = os.path.realpath(path)  # relative paths resolve against the current cwd
         return real == workdir or real.startswith(workdir + os.sep) or real == os.devnull
 
+    def is_hidden(path: object) -> bool:
+        if isinstance(path, bytes):
+            path = os.fsdecode(path)
+        if not isinstance(path, str):
+            return False
+        real = os.path.realpath(path)
+        return any(real == h or real.startswith(h + os.sep) for h in hidden)
+
     def hook(event: str, args: tuple) -> None:
+        if hidden and event in ("open", "os.listdir", "os.scandir") and args and is_hidden(args[0]):
+            raise PermissionError(f"sandbox: {args[0]} is hidden from sandboxed code")
         if block_net and event.startswith("socket."):
             raise PermissionError(f"sandbox: network access is disabled ({event})")
         if block_procs and event in proc_events:
@@ -232,6 +249,7 @@ def _run_child(req: dict, cfg: dict, workdir: str, io_dir: str, layers: list[str
                 # A root child could remount the read-only tree: mountns needs uid.
                 block_fs="mountns" not in layers or "uid" not in layers,
                 block_procs="uid" not in layers,
+                hidden=[] if {"mountns", "uid"} <= set(layers) else cfg["hidden_paths"],
             )
         code = compile(req["code"], "<sandbox>", "exec")
     except BaseException as exc:  # noqa: BLE001 - reported to the host as a failed run
@@ -380,7 +398,7 @@ def main() -> None:
     layers: list[str] = []
     if cfg["mode"] == "strongest" and os.geteuid() == 0:
         try:
-            layers += _enter_namespaces(cfg["tmpfs_mb"])
+            layers += _enter_namespaces(cfg["tmpfs_mb"], cfg["hidden_paths"])
         except OSError:
             layers = []  # half-entered namespaces still leave the host's mounts intact
         try:

@@ -13,12 +13,12 @@ otherwise the text as it is.
 
 **Reward**: the fraction of hidden tests passed (0.0 to 1.0) — a partial signal for
 GRPO groups — and ``success`` only when every test passes. Hidden tests run in the
-sandbox too: the answer and a small test harness form one program, whose last stdout
-line reports how many tests passed, tagged with a random per-call token the program is
-never shown. The grader shares the process with the solution, so a solution written
-to fake that line (by reading the harness's own frame) could; the sandbox protects the
-host, not the grader. A tool or format error costs ``format_penalty`` as in every
-:class:`~taurl.envs.base.ToolEnv`.
+sandbox too: the answer and a small harness form one program that calls the function on
+each hidden test's arguments and prints what it returned (as JSON, tagged with a random
+per-call token). The expected values never enter the sandbox: the host compares the
+outputs with them (:func:`parse_grade`), so code that forges the harness's line or
+overrides ``__eq__`` gains nothing it could not get by computing the answers. A tool or
+format error costs ``format_penalty`` as in every :class:`~taurl.envs.base.ToolEnv`.
 
 **Splits** differ in kind: ``train`` draws from the ``strings`` and ``lists``
 families, ``heldout`` from ``numbers`` (number theory) and ``grids``.
@@ -79,18 +79,22 @@ def _call_repr(name: str, args: list[object]) -> str:
 
 
 def grading_program(problem: Problem, code: str, token: str) -> str:
-    """The program that runs ``code`` and then ``problem``'s hidden tests.
+    """The program that runs ``code`` on the arguments of ``problem``'s hidden tests.
 
-    Its last stdout line is ``__taurl_result__<token> {"passed": p, "total": t}``.
-    The solution runs as a string inside the program, so a syntax error in it is a
-    failed test run, not a broken harness.
+    It holds the arguments only, never the expected values: its last stdout line is
+    ``__taurl_result__<token> [out_1, ..., out_n]``, each ``out_i`` the JSON text of the
+    function's return value on case i (None when it raised or was not JSON). The host
+    compares them with the expected values (:func:`parse_grade`), so the candidate's
+    code, which shares this process, can neither see the answers nor bend the
+    comparison (an ``__eq__`` that is always true does not survive JSON). A solution in
+    which a syntax error sits is a failed run, not a broken harness: it runs as a string.
     """
-    cases = json.dumps(problem.cases)
+    args = json.dumps([a for a, _ in problem.cases])
     return f"""\
 import json as _json, sys as _sys, traceback as _tb
 _ns = {{"__name__": "solution"}}
-_passed = 0
-_cases = _json.loads({cases!r})
+_outputs = []
+_cases = _json.loads({args!r})
 try:
     exec(compile({code!r}, "<solution>", "exec"), _ns)
     _fn = _ns[{problem.name!r}]
@@ -98,25 +102,52 @@ except BaseException:
     _tb.print_exc()
     _fn = None
 if _fn is not None:
-    for _args, _expected in _cases:
+    for _args in _cases:
         try:
-            _got = _json.loads(_json.dumps(_fn(*_args)))
+            _outputs.append(_json.dumps(_fn(*_args)))
         except BaseException:
             _tb.print_exc(limit=-1)
-            continue
-        _passed += _got == _expected
+            _outputs.append(None)
 _sys.stdout.flush()
-print("\\n{_RESULT_PREFIX}{token}", _json.dumps({{"passed": _passed, "total": len(_cases)}}))
+print("\\n{_RESULT_PREFIX}{token}", _json.dumps(_outputs))
 """
 
 
-def parse_grade(result: SandboxResult, token: str) -> tuple[int, int] | None:
-    """``(passed, total)`` from a grading run's stdout, or None if the harness never reported."""
+_NO_VALUE = object()
+
+
+def _decode(text: object) -> object:
+    """A JSON value from the sandbox, or a marker that equals nothing when it is not one."""
+    if not isinstance(text, str):
+        return _NO_VALUE
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):  # malformed, too deep, an int too long to read
+        return _NO_VALUE
+
+
+def parse_grade(result: SandboxResult, token: str, problem: Problem) -> tuple[int, int] | None:
+    """``(passed, total)``: the outputs a grading run reported, compared here with the
+    expected values; None if the harness never reported (killed, cut, or no line)."""
     for line in reversed(result.stdout.splitlines()):
-        if line.startswith(_RESULT_PREFIX + token + " "):
-            report = json.loads(line.split(" ", 1)[1])
-            return int(report["passed"]), int(report["total"])
+        if not line.startswith(_RESULT_PREFIX + token + " "):
+            continue
+        outputs = _decode(line.split(" ", 1)[1])
+        if not isinstance(outputs, list):
+            return None
+        # The expected values go through JSON as the outputs did (tuples become lists).
+        expected = [json.loads(json.dumps(e)) for _, e in problem.cases]
+        passed = sum(
+            i < len(outputs) and _same(_decode(outputs[i]), want)
+            for i, want in enumerate(expected)
+        )
+        return passed, len(expected)
     return None
+
+
+def _same(got: object, want: object) -> bool:
+    """JSON values equal as Python compares them (1 == 1.0, True == 1), as before."""
+    return got is not _NO_VALUE and got == want
 
 
 def format_run(result: SandboxResult, limits: SandboxLimits) -> str:
@@ -220,7 +251,7 @@ class CodeEnv(ToolEnv):
         """Run ``problem``'s hidden tests on ``code`` in the sandbox: (fraction passed, the run)."""
         token = secrets.token_hex(8)
         result = self.sandbox.run(grading_program(problem, code, token), limits=self.limits)
-        report = parse_grade(result, token)
+        report = parse_grade(result, token, problem)
         if report is None or report[1] == 0:
             return 0.0, result
         return report[0] / report[1], result

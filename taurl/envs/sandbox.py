@@ -118,6 +118,10 @@ class SandboxConfig:
     isolation: Literal["strongest", "guard"] = "strongest"  # "guard" forces the fallback
     uid_base: int = 61000  # workers run code as the first free uids from here (root only)
     tmpfs_mb: int = 64  # size of the private /tmp of each worker (mount namespace only)
+    # Folders the code must not read: the taurl package holds the hidden tests of
+    # taurl/Code-v0 (in the mount namespace an empty, unreadable tmpfs covers each one;
+    # in guard mode the audit hook refuses opening files under them).
+    hidden_paths: tuple[str, ...] = (str(Path(__file__).resolve().parents[1]),)
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -190,7 +194,8 @@ class _Worker:
         # cheap and keeps the two modes alike.
         self.lease = _UidLease(config.uid_base) if os.geteuid() == 0 else None
         uid = self.lease.uid if self.lease else config.uid_base
-        cfg = {"mode": config.isolation, "uid": uid, "gid": uid, "tmpfs_mb": config.tmpfs_mb}
+        cfg = {"mode": config.isolation, "uid": uid, "gid": uid, "tmpfs_mb": config.tmpfs_mb,
+               "hidden_paths": list(config.hidden_paths)}
         try:
             self.proc = _SPAWNER.submit(
                 subprocess.Popen,

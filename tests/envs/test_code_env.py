@@ -127,6 +127,37 @@ def test_a_printed_fake_result_line_does_not_count(sandbox: Sandbox) -> None:
     assert env.grade(problem, fake)[0] == 0.0
 
 
+FORGERIES = {
+    # the issue-13 attack: json.loads patched to return an object equal to everything
+    "eq_always_true": (
+        "import json\nclass _Any:\n    def __eq__(self, other):\n        return True\n"
+        "json.loads = lambda *a, **k: _Any()\ndef NAME(*args):\n    return None\n"
+    ),
+    # json.dumps patched to claim one fixed output for every case
+    "patched_dumps": "import json\njson.dumps = lambda *a, **k: '0'\ndef NAME(*args):\n    return 0\n",
+    # the harness's own token read from its code and a result line forged with it
+    "forged_line_with_token": (
+        "import sys, atexit\n"
+        "token = [c for c in sys._getframe(1).f_code.co_consts\n"
+        "         if isinstance(c, str) and c.startswith('\\n__taurl_result__')][0]\n"
+        "atexit.register(lambda: print(token, '[\"1\", \"1\", \"1\", \"1\", \"1\"]'))\n"
+        "def NAME(*args):\n    return 1\n"
+    ),
+}
+
+
+@pytest.mark.parametrize("attack", sorted(FORGERIES))
+def test_grading_cannot_be_forged_from_inside_the_sandbox(sandbox: Sandbox, attack: str) -> None:
+    env = _env(sandbox)
+    for problem in [p for p in PROBLEMS if p.name in ("fibonacci", "reverse_words", "totient")]:
+        code = FORGERIES[attack].replace("NAME", problem.name)
+        fraction, run = env.grade(problem, code)
+        # at most the cases whose true answer the forged output happens to equal
+        honest = sum(json.loads(json.dumps(e)) in (0, 1, "0", "1") for _, e in problem.cases)
+        assert fraction <= honest / len(problem.cases), (problem.name, run.stdout[-300:])
+    assert env.grade(problem, problem.reference)[0] == 1.0
+
+
 def test_extract_code() -> None:
     assert (
         extract_code("<answer>\n```python\ndef f():\n    return 1\n```\n</answer>")

@@ -205,6 +205,18 @@ def test_concurrent_sandboxes_run_as_distinct_uids_and_do_not_kill_each_other() 
         assert int(again.run("import os\nprint(os.getuid())").stdout) == min(uids)
 
 
+def test_the_taurl_package_is_hidden_from_the_code(box: Sandbox) -> None:
+    """taurl/envs/code_problems.py holds Code-v0's hidden tests: the code cannot read it."""
+    import taurl.envs.code_problems as problems
+
+    source = Path(problems.__file__).resolve()
+    result = box.run(f"print(open({str(source)!r}).read()[:100])")
+    assert not result.ok and "Error" in result.stderr and "PROBLEMS" not in result.stdout, result
+    listing = box.run(f"import os\nprint(os.listdir({str(source.parent)!r}))")
+    assert "code_problems.py" not in listing.stdout, listing
+    _alive(box)
+
+
 def test_limits_are_validated() -> None:
     with pytest.raises(ValueError, match="timeout_s must be > 0"):
         SandboxLimits(timeout_s=0)
