@@ -13,8 +13,12 @@ layers obtained are reported to the host in the handshake line):
 
 * ``netns``   — the worker enters a new, empty network namespace (no interfaces but a
   down loopback): any ``connect`` fails with "Network is unreachable".
-* ``mountns`` — a private mount namespace where every mount is remounted read-only and a
-  fresh size-limited tmpfs covers ``/tmp``; each execution gets its own directory in it.
+* ``ipcns``   — a new IPC namespace: SysV shared memory, semaphores and message queues
+  are private to the worker and vanish with it.
+* ``mountns`` — a private mount namespace where every mount is remounted read-only and
+  ``nosuid``, a fresh size-limited tmpfs covers ``/tmp`` (each execution gets its own
+  directory in it), and empty unreadable tmpfs cover ``/run`` (host unix sockets) and the
+  ``hidden_paths`` (the taurl package, which holds Code-v0's hidden tests).
 * ``uid``     — each child drops to an unprivileged uid/gid owned by this worker alone;
   ``RLIMIT_NPROC`` then bounds its processes (the kernel does not enforce it for root),
   and after each execution a helper running as that uid does ``kill(-1, SIGKILL)``,
@@ -44,6 +48,8 @@ import traceback
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWNET = 0x40000000
+CLONE_NEWIPC = 0x08000000
+PR_SET_NO_NEW_PRIVS = 38
 MS_RDONLY = 1
 MS_NOSUID = 2
 MS_NODEV = 4
@@ -106,12 +112,17 @@ def _expose_stdlib() -> None:
 def _enter_namespaces(tmpfs_mb: int, hidden: list[str]) -> list[str]:
     """Enter new network + mount namespaces; make everything read-only but a fresh /tmp,
     and cover each folder in ``hidden`` with an empty tmpfs only root may open."""
-    if _libc.unshare(CLONE_NEWNS | CLONE_NEWNET) != 0:
-        return []
+    layers = ["netns", "ipcns", "mountns"]
+    if _libc.unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC) != 0:
+        layers.remove("ipcns")
+        if _libc.unshare(CLONE_NEWNS | CLONE_NEWNET) != 0:
+            return []
     _mount(None, "/", None, MS_REC | MS_PRIVATE, None)
     _mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"size={tmpfs_mb}m,mode=0755")
     _expose_stdlib()
-    for path in hidden:
+    # /run holds the host's unix sockets (a database, dbus): a socket file is reachable
+    # by path from any network namespace, so the folder is covered like the hidden ones.
+    for path in [*hidden, "/run", "/var/run"]:
         if os.path.isdir(path):
             _mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k,mode=000")
     with open("/proc/self/mountinfo") as f:
@@ -120,7 +131,7 @@ def _enter_namespaces(tmpfs_mb: int, hidden: list[str]) -> list[str]:
         target = fields[4].replace("\\040", " ")
         if target in ("/proc", "/tmp") or target.startswith("/proc/"):
             continue  # /tmp holds the runs' directories; procfs cannot hold files
-        flags = MS_REMOUNT | MS_BIND | MS_RDONLY
+        flags = MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID  # no setuid program gains root
         for opt in fields[5].split(","):
             flags |= MOUNT_FLAG_OPTIONS.get(opt, 0)
         try:
@@ -129,7 +140,7 @@ def _enter_namespaces(tmpfs_mb: int, hidden: list[str]) -> list[str]:
             # A mount that is already read-only or was unmounted under us; the uid layer
             # still protects it.
             continue
-    return ["netns", "mountns"]
+    return layers
 
 
 def _install_guard(
@@ -229,6 +240,8 @@ def _run_child(req: dict, cfg: dict, workdir: str, io_dir: str, layers: list[str
             (resource.RLIMIT_CORE, (0, 0)),
         ):
             resource.setrlimit(res, value)
+        # Neither setuid binaries nor file capabilities raise this process's privileges.
+        _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
         if "uid" in layers:
             os.setgroups([])
             os.setgid(cfg["gid"])
@@ -406,7 +419,7 @@ def main() -> None:
             layers.append("uid")
         except PermissionError:
             pass
-    if layers != ["netns", "mountns", "uid"]:
+    if not {"netns", "mountns", "uid"} <= set(layers):
         layers.append("guard")
     _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)

@@ -17,11 +17,13 @@ gets:
 How strongly this holds depends on what the machine allows; :attr:`Sandbox.isolation`
 names the layers that are active (detected at start, never assumed):
 
-``netns+mountns+uid`` (running as root, or with CAP_SYS_ADMIN + CAP_SETUID)
-    The kernel enforces everything: an empty network namespace, a mount namespace where
-    the whole file tree is read-only except a private tmpfs, and a per-worker
-    unprivileged uid that makes ``RLIMIT_NPROC`` effective (it is not enforced for root)
-    and lets the worker kill every process the code left behind.
+``netns+ipcns+mountns+uid`` (running as root, or with CAP_SYS_ADMIN + CAP_SETUID)
+    The kernel enforces everything: an empty network namespace, a private IPC namespace,
+    a mount namespace where the whole file tree is read-only and ``nosuid`` except a
+    private tmpfs (``/run`` and the taurl package covered by unreadable empty ones), and a
+    per-worker unprivileged uid no other worker on the machine holds, which makes
+    ``RLIMIT_NPROC`` effective (it is not enforced for root) and lets the worker kill
+    every process the code left behind. ``no_new_privs`` is set in every mode.
 ``guard`` (any other user, e.g. CI runners)
     Resource limits and timeouts as above, plus an in-process audit-hook guard
     (:func:`sys.addaudithook`) that refuses sockets, writes outside the temp dir,
@@ -304,7 +306,7 @@ class Sandbox:
 
     @property
     def isolation(self) -> str:
-        """The isolation layers active, e.g. ``"netns+mountns+uid"`` or ``"guard"``."""
+        """The isolation layers active, e.g. ``"netns+ipcns+mountns+uid"`` or ``"guard"``."""
         self.start()
         return "+".join(self._all[0].layers)
 

@@ -43,7 +43,7 @@ def test_isolation_reports_what_is_active(box: Sandbox) -> None:
     if box.config.isolation == "guard":
         assert box.isolation == "guard"
     elif _namespaces_available():
-        assert box.isolation == "netns+mountns+uid"
+        assert box.isolation == "netns+ipcns+mountns+uid"
     else:
         assert "guard" in box.isolation
 
@@ -215,6 +215,17 @@ def test_the_taurl_package_is_hidden_from_the_code(box: Sandbox) -> None:
     listing = box.run(f"import os\nprint(os.listdir({str(source.parent)!r}))")
     assert "code_problems.py" not in listing.stdout, listing
     _alive(box)
+
+
+def test_no_new_privileges_and_private_ipc_and_no_host_sockets(box: Sandbox) -> None:
+    status = box.run("print(open('/proc/self/status').read())")
+    assert "NoNewPrivs:\t1" in status.stdout, status  # setuid programs run unprivileged
+    if "ipcns" not in box.isolation:
+        return
+    ns = box.run("import os\nprint(os.readlink('/proc/self/ns/ipc'))")
+    assert ns.ok and ns.stdout.strip() != os.readlink("/proc/self/ns/ipc")  # SysV IPC is private
+    run = box.run("import os\nprint(os.listdir('/run'))")
+    assert not run.ok and "PermissionError" in run.stderr, run  # host unix sockets unreachable
 
 
 def test_limits_are_validated() -> None:
