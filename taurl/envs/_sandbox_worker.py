@@ -23,6 +23,9 @@ layers obtained are reported to the host in the handshake line):
   ``RLIMIT_NPROC`` then bounds its processes (the kernel does not enforce it for root),
   and after each execution a helper running as that uid does ``kill(-1, SIGKILL)``,
   which reaches every process the code left behind, even ones that left the group.
+* ``memcg``   — a memory cgroup per worker (v1 ``memory`` or v2), its limit set to each
+  run's ``memory_mb``: the total of the run and every process it forks is bounded, not
+  only each process's address space.
 * ``guard``   — where a layer is missing, a ``sys.addaudithook`` guard in the child
   refuses sockets, writes outside the temp dir, and process creation. It is an
   in-process guard: native code (e.g. ctypes, which it also refuses) could bypass it.
@@ -37,6 +40,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import re
 import resource
 import select
 import shutil
@@ -215,10 +219,68 @@ def _install_guard(
     sys.addaudithook(hook)
 
 
-def _run_child(req: dict, cfg: dict, workdir: str, io_dir: str, layers: list[str]) -> None:
+class _MemoryCgroup:
+    """A memory cgroup of this worker's own: the total memory of a run and all it forks.
+
+    ``RLIMIT_AS`` bounds each process, so eight forks may hold eight times the limit; the
+    cgroup bounds their sum. Created (cgroup v1 ``memory`` or v2 with the memory
+    controller) before the worker enters its mount namespace, where ``/sys/fs/cgroup`` is
+    read-only: the files are opened first and used through those descriptors.
+    """
+
+    def __init__(self, name: str) -> None:
+        with open("/proc/self/cgroup") as f:
+            entries = [line.rstrip("\n").split(":", 2) for line in f]
+        v1 = [path for _, ctrls, path in entries if "memory" in ctrls.split(",")]
+        v2 = [path for hid, ctrls, path in entries if hid == "0" and ctrls == ""]
+        if v1:
+            parent, limit, events = "/sys/fs/cgroup/memory" + v1[0], "memory.limit_in_bytes", "memory.oom_control"
+        elif v2:
+            parent, limit, events = "/sys/fs/cgroup" + v2[0], "memory.max", "memory.events"
+        else:
+            raise OSError("no memory cgroup")
+        self.path = os.path.join(parent.rstrip("/"), name)
+        os.mkdir(self.path, 0o700)
+        try:
+            self._limit = os.open(os.path.join(self.path, limit), os.O_WRONLY)
+            self._procs = os.open(os.path.join(self.path, "cgroup.procs"), os.O_WRONLY)
+            self._events = os.open(os.path.join(self.path, events), os.O_RDONLY)
+            self._parent = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            os.rmdir(self.path)  # e.g. v2 without the memory controller delegated here
+            raise
+        self.name = name
+
+    def set_limit(self, nbytes: int) -> None:
+        os.write(self._limit, str(nbytes).encode())
+
+    def join(self) -> None:
+        """In the child, while still root: move this process into the cgroup."""
+        os.write(self._procs, str(os.getpid()).encode())
+
+    def oom_kills(self) -> int:
+        text = os.pread(self._events, 4096, 0).decode()
+        found = re.search(r"^oom_kill (\d+)$", text, re.MULTILINE)
+        return int(found.group(1)) if found else 0
+
+    def remove(self) -> None:
+        for fd in (self._limit, self._procs, self._events):
+            os.close(fd)
+        try:
+            os.rmdir(self.name, dir_fd=self._parent)  # the host's mount, not the read-only copy
+        except OSError:
+            pass  # a straggler still dying; the host removes the folder after the worker
+        os.close(self._parent)
+
+
+def _run_child(
+    req: dict, cfg: dict, workdir: str, io_dir: str, layers: list[str], memcg: _MemoryCgroup | None
+) -> None:
     """In the forked child: confine the process, then run the code. Never returns."""
     try:
         os.setsid()
+        if memcg is not None:
+            memcg.join()
         fds = [
             os.open(os.path.join(io_dir, "stdin"), os.O_RDONLY),
             os.open(os.path.join(io_dir, "stdout"), os.O_WRONLY | os.O_TRUNC),
@@ -354,8 +416,13 @@ def _read(path: str, limit: int) -> tuple[str, bool]:
     return data[:limit].decode("utf-8", errors="replace"), len(data) > limit
 
 
-def _execute(req: dict, cfg: dict, root: str, io_dir: str, layers: list[str]) -> dict:
+def _execute(
+    req: dict, cfg: dict, root: str, io_dir: str, layers: list[str], memcg: _MemoryCgroup | None
+) -> dict:
     lim = req["limits"]
+    if memcg is not None:
+        memcg.set_limit(lim["memory_mb"] * 1024 * 1024)
+        oom_before = memcg.oom_kills()
     workdir = tempfile.mkdtemp(prefix="run-", dir=root)
     if "uid" in layers:
         os.chown(workdir, cfg["uid"], cfg["gid"])
@@ -365,7 +432,7 @@ def _execute(req: dict, cfg: dict, root: str, io_dir: str, layers: list[str]) ->
     start = time.monotonic()
     pid = os.fork()
     if pid == 0:
-        _run_child(req, cfg, workdir, io_dir, layers)
+        _run_child(req, cfg, workdir, io_dir, layers, memcg)
     status = _wait(pid, start + req["timeout_s"])
     timed_out = status is None
     if timed_out:
@@ -393,6 +460,8 @@ def _execute(req: dict, cfg: dict, root: str, io_dir: str, layers: list[str]) ->
     elif exit_code < 0:
         sig = -exit_code
         killed = "cpu_limit" if sig == signal.SIGXCPU else f"signal {signal.Signals(sig).name}"
+        if sig == signal.SIGKILL and memcg is not None and memcg.oom_kills() > oom_before:
+            killed = "memory_limit"  # the kernel's OOM killer, inside this run's cgroup
     elif exit_code == 125:
         killed = "setup_failed"
     return {
@@ -409,7 +478,12 @@ def _execute(req: dict, cfg: dict, root: str, io_dir: str, layers: list[str]) ->
 def main() -> None:
     cfg = json.loads(sys.argv[1])
     layers: list[str] = []
+    memcg: _MemoryCgroup | None = None
     if cfg["mode"] == "strongest" and os.geteuid() == 0:
+        try:
+            memcg = _MemoryCgroup(f"taurl-sandbox-{os.getpid()}")
+        except OSError:
+            memcg = None  # no cgroup to create here: each process keeps its RLIMIT_AS
         try:
             layers += _enter_namespaces(cfg["tmpfs_mb"], cfg["hidden_paths"])
         except OSError:
@@ -419,6 +493,11 @@ def main() -> None:
             layers.append("uid")
         except PermissionError:
             pass
+    if memcg is not None and "uid" in layers:
+        layers.append("memcg")
+    elif memcg is not None:
+        memcg.remove()  # a root child could leave the cgroup: not worth reporting
+        memcg = None
     if not {"netns", "mountns", "uid"} <= set(layers):
         layers.append("guard")
     _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
@@ -432,12 +511,13 @@ def main() -> None:
     os.chmod(io_dir, 0o700)
     inp = sys.stdin.buffer
     out = sys.stdout.buffer
-    out.write(json.dumps({"isolation": layers}).encode() + b"\n")
+    hello = {"isolation": layers, "memory_cgroup": memcg.path if memcg else None}
+    out.write(json.dumps(hello).encode() + b"\n")
     out.flush()
     try:
         for line in inp:
             try:
-                reply = _execute(json.loads(line), cfg, root, io_dir, layers)
+                reply = _execute(json.loads(line), cfg, root, io_dir, layers, memcg)
             except OSError as exc:
                 reply = {"error": f"{exc.__class__.__name__}: {exc}", "errno": exc.errno}
             out.write(json.dumps(reply).encode() + b"\n")
@@ -446,6 +526,8 @@ def main() -> None:
         pass
     finally:
         shutil.rmtree(root, ignore_errors=True)
+        if memcg is not None:
+            memcg.remove()
 
 
 if __name__ == "__main__":

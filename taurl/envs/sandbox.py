@@ -23,7 +23,10 @@ names the layers that are active (detected at start, never assumed):
     private tmpfs (``/run`` and the taurl package covered by unreadable empty ones), and a
     per-worker unprivileged uid no other worker on the machine holds, which makes
     ``RLIMIT_NPROC`` effective (it is not enforced for root) and lets the worker kill
-    every process the code left behind. ``no_new_privs`` is set in every mode.
+    every process the code left behind. ``+memcg`` is appended where the worker could
+    create a memory cgroup: ``memory_mb`` then bounds a run and all it forks together
+    (``killed_reason == "memory_limit"`` when the kernel's OOM killer ended it).
+    ``no_new_privs`` is set in every mode.
 ``guard`` (any other user, e.g. CI runners)
     Resource limits and timeouts as above, plus an in-process audit-hook guard
     (:func:`sys.addaudithook`) that refuses sockets, writes outside the temp dir,
@@ -219,7 +222,9 @@ class _Worker:
                 f"sandbox worker {_WORKER_SCRIPT} did not start within 30 s "
                 f"(exit status {self.proc.poll()}); run it by hand to see why"
             )
-        self.layers: list[str] = json.loads(hello)["isolation"]
+        info = json.loads(hello)
+        self.layers: list[str] = info["isolation"]
+        self.memory_cgroup: str | None = info.get("memory_cgroup")
 
     def _release(self) -> None:
         if self.lease is not None:
@@ -256,7 +261,20 @@ class _Worker:
         except (ProcessLookupError, PermissionError):
             pass
         self.proc.wait()
+        self._remove_cgroup()
         self._release()  # the worker and its children are gone: the uid is free again
+
+    def _remove_cgroup(self) -> None:
+        """A killed worker cannot remove its memory cgroup: do it once its runs are gone."""
+        path = getattr(self, "memory_cgroup", None)
+        for _ in range(50):
+            if path is None or not os.path.isdir(path):
+                return
+            try:
+                os.rmdir(path)
+                return
+            except OSError:
+                time.sleep(0.01)  # the last killed processes are still exiting
 
     def close(self) -> None:
         try:

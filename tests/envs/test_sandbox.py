@@ -43,7 +43,7 @@ def test_isolation_reports_what_is_active(box: Sandbox) -> None:
     if box.config.isolation == "guard":
         assert box.isolation == "guard"
     elif _namespaces_available():
-        assert box.isolation == "netns+ipcns+mountns+uid"
+        assert box.isolation.startswith("netns+ipcns+mountns+uid")  # + memcg where cgroups are
     else:
         assert "guard" in box.isolation
 
@@ -226,6 +226,25 @@ def test_no_new_privileges_and_private_ipc_and_no_host_sockets(box: Sandbox) -> 
     assert ns.ok and ns.stdout.strip() != os.readlink("/proc/self/ns/ipc")  # SysV IPC is private
     run = box.run("import os\nprint(os.listdir('/run'))")
     assert not run.ok and "PermissionError" in run.stderr, run  # host unix sockets unreachable
+
+
+def test_memory_is_limited_in_total_not_only_per_process(box: Sandbox) -> None:
+    """Four forks of 80 MiB each fit RLIMIT_AS (128 MiB per process) but not a 128 MiB total."""
+    code = (
+        "import os, time\npids = []\nfor _ in range(4):\n    pid = os.fork()\n"
+        "    if pid == 0:\n        b = b'x' * (80 << 20)\n        time.sleep(1)\n        os._exit(0)\n"
+        "    pids.append(pid)\nprint([os.waitpid(p, 0)[1] for p in pids])\n"
+    )
+    result = box.run(code)
+    if "memcg" not in box.isolation:
+        pytest.skip(f"no memory cgroup here ({box.isolation}): each process has RLIMIT_AS only")
+    assert "[0, 0, 0, 0]" not in result.stdout, result
+    fits = box.run("b = b'x' * (60 << 20)\nprint('fits')")
+    assert fits.ok and fits.stdout == "fits\n", fits  # one process under the limit still runs
+    # each run sets its own limit on the cgroup: 100 MiB under memory_mb=256 runs
+    hog = box.run("b = bytearray(100 << 20)\nfor i in range(0, len(b), 4096):\n    b[i] = 1",
+                  limits=SandboxLimits(timeout_s=3.0, memory_mb=256))
+    assert hog.ok, hog
 
 
 def test_limits_are_validated() -> None:
