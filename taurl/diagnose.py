@@ -100,8 +100,8 @@ def _mismatch(rows: Sequence[Row], window: int) -> Finding | None:
             "trajectory", "sampler–learner mismatch",
             f"traj/sampler_mismatch_kl = {statistics.fmean(vals):.4f} (> 0.01)",
             "the inference engine and the learner disagree on log-probs, so the gradient is "
-            "off-policy: enable truncated importance sampling (learner.tis_cap) or compute in "
-            "float32 on both sides",
+            "off-policy: enable truncated importance sampling (learner.options.tis_cap) or "
+            "compute in float32 on both sides",
         )
     return None
 
@@ -113,7 +113,7 @@ def _clip_saturated(rows: Sequence[Row], window: int) -> Finding | None:
             "trajectory", "clip fraction saturated",
             f"traj/clip_frac = {statistics.fmean(vals):.2f} (> 0.2)",
             "most tokens hit the PPO clip, so their gradient is zero: lower the learning rate or "
-            "the number of epochs per batch",
+            "the number of epochs per batch (learner.lr, learner.options.epochs)",
         )
     return None
 
@@ -126,8 +126,8 @@ def _entropy_collapse(rows: Sequence[Row], window: int) -> Finding | None:
             return Finding(
                 "trajectory", "entropy collapse",
                 f"traj/entropy fell from {vals[0]:.3f} to {recent:.3f}",
-                "the policy stopped exploring: raise clip_high (DAPO clip-higher), add an entropy "
-                "bonus, or lower the learning rate",
+                "the policy stopped exploring: raise learner.options.eps_high (DAPO clip-higher), "
+                "add an entropy bonus (learner.options.entropy_coef), or lower learner.lr",
             )
     return None
 

@@ -26,6 +26,10 @@ class ModelError(TaurlError):
     """A model name cannot be resolved, or its local folder is missing or corrupt."""
 
 
+class CheckpointError(TaurlError, FileNotFoundError):
+    """A folder given as a checkpoint does not hold one (or not a complete one)."""
+
+
 class EnvError(TaurlError):
     """An environment was used against its contract (e.g. step before reset)."""
 

@@ -61,3 +61,20 @@ def test_plot_writes_a_png(tmp_path) -> None:
             for i in range(5)]
     path = plot_run(_write(tmp_path, rows))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_every_key_the_advice_names_is_a_real_config_key() -> None:
+    """Following the advice must not end in "unknown config key" (learner.tis_cap did)."""
+    import re
+    from pathlib import Path
+
+    import taurl.diagnose
+    from taurl.config import load_config
+    from taurl.trainer import TrainConfig
+
+    source = Path(taurl.diagnose.__file__).read_text()
+    keys = set(re.findall(r"\b(?:learner|rollout|backend)\.[a-z_]+(?:\.[a-z_]+)*", source))
+    assert {"learner.options.tis_cap", "learner.options.eps_high", "learner.lr"} <= keys
+    values = {"lr": "1e-6", "epochs": "2"}
+    for key in sorted(keys):
+        load_config(TrainConfig, None, [f"{key}={values.get(key.rsplit('.', 1)[1], '0.3')}"])

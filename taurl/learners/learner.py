@@ -42,7 +42,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
-from taurl.errors import ConfigError
+from taurl.errors import CheckpointError, ConfigError
 from taurl.learners import advantages as A
 from taurl.learners import distributed as D
 from taurl.learners import losses as L
@@ -304,7 +304,10 @@ class Learner:
         """Restore a checkpoint written by :meth:`save` with the same config."""
         d = Path(directory)
         if not (d / _STATE_FILE).is_file():
-            raise FileNotFoundError(f"{d} holds no {_STATE_FILE}; is it a Learner.save() folder?")
+            raise CheckpointError(
+                f"{d} holds no {_STATE_FILE}; is it a Learner.save() folder (a run's "
+                "checkpoints/iter-NNNNNN/learner)?"
+            )
         state = json.loads((d / _STATE_FILE).read_text())
         optimizer = torch.load(d / "optimizer.pt", map_location=self.device, weights_only=True)
         if self.parallel == "fsdp2":

@@ -203,6 +203,15 @@ def test_teacher_coef_zero_scores_the_teacher_but_trains_as_grpo(tiny_model: Pat
         assert got[key] == pytest.approx(want[key], abs=1e-6), key
 
 
+def test_loading_a_folder_that_is_no_checkpoint_says_so(tiny_model: Path, tmp_path) -> None:
+    from taurl.errors import CheckpointError, TaurlError
+
+    learner = Learner(LearnerConfig(algorithm="grpo", device="cpu"), tiny_model)
+    with pytest.raises(CheckpointError, match="Learner.save"):
+        learner.load(tmp_path)
+    assert issubclass(CheckpointError, TaurlError) and issubclass(CheckpointError, FileNotFoundError)
+
+
 def test_trainer_resolves_builtin_teacher_names(tiny_model: Path) -> None:
     from taurl.trainer import _resolve_model_options
 
