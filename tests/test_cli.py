@@ -57,3 +57,12 @@ def test_eval_flags_keep_the_config_files_agent_settings(tmp_path: Path) -> None
     assert agent.sampling == SamplingParams(max_tokens=17, temperature=0.0, top_p=0.5)
     sampled = eval_command(build_parser().parse_args(["eval", "--temperature", "0.7", "--samples", "4"]))
     assert sampled.eval.agent.sampling.temperature == 0.7 and sampled.eval.samples == 4
+
+
+def test_eval_labels_name_checkpoints_by_run_and_iteration() -> None:
+    from taurl.rollout.commands import _label
+
+    assert _label("smollm2-135m") == "smollm2-135m"
+    assert _label("runs/grpo-sql/checkpoints/iter-000004/policy") == "grpo-sql@iter-000004"
+    assert _label("/abs/runs/x/checkpoints/iter-000010/policy") == "x@iter-000010"
+    assert _label("models/my-model") == "my-model"

@@ -139,7 +139,15 @@ def run_rollout_command(cmd: RolloutCommand, open_backend: OpenBackend | None = 
 
 
 def _label(model: str) -> str:
-    return Path(model).name if ("/" in model or Path(model).exists()) else model
+    """A model's name in tables and file names: a built-in name as is, a folder by its name,
+    a run's checkpoint (``RUN/checkpoints/iter-N/policy``) as ``RUN@iter-N``."""
+    if not ("/" in model or Path(model).exists()):
+        return model
+    path = Path(model)
+    parts = path.parts
+    if len(parts) >= 4 and parts[-1] == "policy" and parts[-3] == "checkpoints":
+        return f"{parts[-4]}@{parts[-2]}"
+    return path.name
 
 
 def _file_part(text: str) -> str:
