@@ -23,6 +23,10 @@ layers obtained are reported to the host in the handshake line):
   ``RLIMIT_NPROC`` then bounds its processes (the kernel does not enforce it for root),
   and after each execution a helper running as that uid does ``kill(-1, SIGKILL)``,
   which reaches every process the code left behind, even ones that left the group.
+* ``pidns``   — each run gets a PID namespace and its own ``/proc``: the code sees and can
+  signal only its own processes, and all of them die when the run ends.
+* ``userns``  — not root: the namespaces above are built inside a user namespace (uid 0
+  inside = the user outside); the code runs with every capability dropped.
 * ``memcg``   — a memory cgroup per worker (v1 ``memory`` or v2), its limit set to each
   run's ``memory_mb``: the total of the run and every process it forks is bounded, not
   only each process's address space.
@@ -53,7 +57,17 @@ import traceback
 CLONE_NEWNS = 0x00020000
 CLONE_NEWNET = 0x40000000
 CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
 PR_SET_NO_NEW_PRIVS = 38
+PR_CAPBSET_DROP = 24
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+MS_NOATIME = 1024
+MS_NODIRATIME = 2048
+MS_RELATIME = 1 << 21
+MS_STRICTATIME = 1 << 24
 MS_RDONLY = 1
 MS_NOSUID = 2
 MS_NODEV = 4
@@ -67,7 +81,10 @@ MNT_DETACH = 2
 PR_SET_CHILD_SUBREAPER = 36
 #: Mount options that must be repeated on a read-only remount (the kernel refuses to
 #: drop a "locked" flag inherited from a more privileged namespace).
-MOUNT_FLAG_OPTIONS = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC}
+MOUNT_FLAG_OPTIONS = {
+    "nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC, "noatime": MS_NOATIME,
+    "nodiratime": MS_NODIRATIME, "relatime": MS_RELATIME, "strictatime": MS_STRICTATIME,
+}
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -141,10 +158,99 @@ def _enter_namespaces(tmpfs_mb: int, hidden: list[str]) -> list[str]:
         try:
             _mount(None, target, None, flags, None)
         except OSError:
-            # A mount that is already read-only or was unmounted under us; the uid layer
-            # still protects it.
-            continue
+            # Fine if it is read-only already or went away under us; a mount the code
+            # could still write to means this layer does not hold: say so, do not claim it.
+            try:
+                writable = not os.statvfs(target).f_flag & os.ST_RDONLY
+            except OSError:
+                continue
+            if writable:
+                raise
     return layers
+
+
+def _enter_user_namespace() -> bool:
+    """As an unprivileged user: become root of a new user namespace (uid 0 inside = this
+    user outside), which may then create the network, IPC, mount and PID namespaces."""
+    uid, gid = os.geteuid(), os.getegid()
+    if _libc.unshare(CLONE_NEWUSER) != 0:
+        return False  # user namespaces are disabled here: the guard stays the only layer
+    for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"), ("gid_map", f"0 {gid} 1")):
+        with open(f"/proc/self/{name}", "w") as f:
+            f.write(text)
+    return True
+
+
+def _drop_capabilities() -> None:
+    """Give up every capability for good (bounding, ambient, effective, permitted sets).
+
+    Root of a user namespace may remount the read-only tree writable; its code runs
+    without any capability, so it cannot.
+    """
+    for cap in range(64):
+        _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)  # EINVAL past the last cap: ignored
+    _libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+    header = (ctypes.c_uint32 * 2)(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (ctypes.c_uint32 * 6)()
+    if _libc.capset(header, data) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"capset: {os.strerror(err)}")
+
+
+def _probe_pid_namespace() -> bool:
+    """Whether a run can get a PID namespace of its own (with its own /proc)."""
+    pid = os.fork()
+    if pid == 0:
+        ok = False
+        try:
+            if _libc.unshare(CLONE_NEWPID) == 0:
+                inner = os.fork()
+                if inner == 0:
+                    ok_inner = _libc.unshare(CLONE_NEWNS) == 0
+                    if ok_inner:
+                        try:
+                            _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
+                        except OSError:
+                            ok_inner = False
+                    os._exit(0 if ok_inner and os.getpid() == 1 else 1)
+                ok = os.waitpid(inner, 0)[1] == 0
+        finally:
+            os._exit(0 if ok else 1)
+    return os.waitpid(pid, 0)[1] == 0
+
+
+def _launch_in_pid_namespace(status_fd: int, run_child) -> None:
+    """In the forked child: give the run a PID namespace; never returns.
+
+    This process makes the namespace; its child is the namespace's init, which mounts a
+    /proc showing only the run's processes, starts the code in a grandchild (a normal
+    process: init ignores signals it has no handler for, SIGXCPU included), reaps, and
+    writes the code's wait status to ``status_fd``. When init exits the kernel kills
+    everything left in the namespace; when this process is killed (timeout), init dies
+    with it (PR_SET_PDEATHSIG) and the namespace with it.
+    """
+    try:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        if _libc.unshare(CLONE_NEWPID) != 0:
+            os._exit(125)
+        init = os.fork()
+        if init == 0:
+            _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            if _libc.unshare(CLONE_NEWNS) != 0:
+                os._exit(125)
+            _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
+            code = os.fork()
+            if code == 0:
+                run_child()
+            while True:
+                reaped, status = os.waitpid(-1, 0)
+                if reaped == code:
+                    break
+            os.write(status_fd, str(status).encode())
+            os._exit(0)
+        os._exit(0 if os.waitpid(init, 0)[1] == 0 else 125)
+    except BaseException:  # noqa: BLE001 - reported as a failed setup
+        os._exit(125)
 
 
 def _install_guard(
@@ -304,6 +410,8 @@ def _run_child(
             resource.setrlimit(res, value)
         # Neither setuid binaries nor file capabilities raise this process's privileges.
         _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+        if "userns" in layers:
+            _drop_capabilities()
         if "uid" in layers:
             os.setgroups([])
             os.setgid(cfg["gid"])
@@ -430,18 +538,34 @@ def _execute(
     with open(os.path.join(io_dir, "stdin"), "w") as f:
         f.write(req["stdin"])
     start = time.monotonic()
+    status_r, status_w = os.pipe() if "pidns" in layers else (-1, -1)
     pid = os.fork()
     if pid == 0:
+        if "pidns" in layers:
+            os.close(status_r)
+            _launch_in_pid_namespace(
+                status_w, lambda: _run_child(req, cfg, workdir, io_dir, layers, memcg)
+            )
         _run_child(req, cfg, workdir, io_dir, layers, memcg)
     status = _wait(pid, start + req["timeout_s"])
     timed_out = status is None
     if timed_out:
         try:
-            os.killpg(pid, signal.SIGKILL)
+            os.killpg(pid, signal.SIGKILL)  # without a PID namespace the child leads a group
+        except ProcessLookupError:
+            pass
+        try:
+            os.kill(pid, signal.SIGKILL)  # with one, its init dies with this process
         except ProcessLookupError:
             pass
         status = os.waitpid(pid, 0)[1]
     duration = time.monotonic() - start
+    if "pidns" in layers:
+        os.close(status_w)
+        reported = os.read(status_r, 64)  # the code's own wait status, written by init
+        os.close(status_r)
+        if reported and not timed_out:
+            status = int(reported)
     if "uid" in layers:
         _kill_uid(cfg["uid"])
     else:
@@ -488,17 +612,34 @@ def main() -> None:
             layers += _enter_namespaces(cfg["tmpfs_mb"], cfg["hidden_paths"])
         except OSError:
             layers = []  # half-entered namespaces still leave the host's mounts intact
+        if layers and _probe_pid_namespace():
+            layers.append("pidns")
         try:
             os.setgroups([])  # probe: CAP_SETGID/CAP_SETUID are needed for the uid layer
             layers.append("uid")
         except PermissionError:
             pass
+    elif cfg["mode"] == "strongest" and _enter_user_namespace():
+        # Not root: the same namespaces inside a user namespace, one uid only (no uid
+        # layer); the PID namespace then keeps the code from signalling this user's
+        # other processes, and the code runs without capabilities.
+        try:
+            layers += _enter_namespaces(cfg["tmpfs_mb"], cfg["hidden_paths"])
+        except OSError:
+            layers = []
+        if layers and _probe_pid_namespace():
+            layers = ["userns", *layers, "pidns"]
+        else:
+            layers = []  # without a PID namespace the code could signal the host's processes
     if memcg is not None and "uid" in layers:
         layers.append("memcg")
     elif memcg is not None:
         memcg.remove()  # a root child could leave the cgroup: not worth reporting
         memcg = None
-    if not {"netns", "mountns", "uid"} <= set(layers):
+    contained = {"netns", "mountns"} <= set(layers) and (
+        "uid" in layers or {"userns", "pidns"} <= set(layers)
+    )
+    if not contained:
         layers.append("guard")
     _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)

@@ -17,8 +17,9 @@ gets:
 How strongly this holds depends on what the machine allows; :attr:`Sandbox.isolation`
 names the layers that are active (detected at start, never assumed):
 
-``netns+ipcns+mountns+uid`` (running as root, or with CAP_SYS_ADMIN + CAP_SETUID)
+``netns+ipcns+mountns+pidns+uid`` (running as root, or with CAP_SYS_ADMIN + CAP_SETUID)
     The kernel enforces everything: an empty network namespace, a private IPC namespace,
+    a PID namespace per run (its own ``/proc``; leftovers die with it),
     a mount namespace where the whole file tree is read-only and ``nosuid`` except a
     private tmpfs (``/run`` and the taurl package covered by unreadable empty ones), and a
     per-worker unprivileged uid no other worker on the machine holds, which makes
@@ -27,7 +28,12 @@ names the layers that are active (detected at start, never assumed):
     create a memory cgroup: ``memory_mb`` then bounds a run and all it forks together
     (``killed_reason == "memory_limit"`` when the kernel's OOM killer ended it).
     ``no_new_privs`` is set in every mode.
-``guard`` (any other user, e.g. CI runners)
+``userns+netns+ipcns+mountns+pidns`` (any other user, where unprivileged user
+namespaces are enabled)
+    The same namespaces built inside a user namespace. One uid only, so no uid layer:
+    the code runs as the user with every capability dropped (it cannot remount the tree
+    writable), and its PID namespace keeps it from the user's other processes.
+``guard`` (where neither is possible)
     Resource limits and timeouts as above, plus an in-process audit-hook guard
     (:func:`sys.addaudithook`) that refuses sockets, writes outside the temp dir,
     process creation and ``ctypes``. It stops ordinary Python code; it is not a security
@@ -324,7 +330,7 @@ class Sandbox:
 
     @property
     def isolation(self) -> str:
-        """The isolation layers active, e.g. ``"netns+ipcns+mountns+uid"`` or ``"guard"``."""
+        """The isolation layers active, e.g. ``"netns+ipcns+mountns+pidns+uid+memcg"``."""
         self.start()
         return "+".join(self._all[0].layers)
 

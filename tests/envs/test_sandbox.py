@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
+import shutil
 import subprocess
 import time
 import uuid
@@ -43,7 +46,9 @@ def test_isolation_reports_what_is_active(box: Sandbox) -> None:
     if box.config.isolation == "guard":
         assert box.isolation == "guard"
     elif _namespaces_available():
-        assert box.isolation.startswith("netns+ipcns+mountns+uid")  # + memcg where cgroups are
+        layers = box.isolation.split("+")
+        assert {"netns", "ipcns", "mountns", "pidns", "uid"} <= set(layers), layers
+        assert "guard" not in layers  # memcg too where a cgroup can be made
     else:
         assert "guard" in box.isolation
 
@@ -245,6 +250,88 @@ def test_memory_is_limited_in_total_not_only_per_process(box: Sandbox) -> None:
     hog = box.run("b = bytearray(100 << 20)\nfor i in range(0, len(b), 4096):\n    b[i] = 1",
                   limits=SandboxLimits(timeout_s=3.0, memory_mb=256))
     assert hog.ok, hog
+
+
+def test_the_code_sees_only_its_own_processes(box: Sandbox) -> None:
+    if "pidns" not in box.isolation:
+        pytest.skip(f"no PID namespace here ({box.isolation})")
+    code = "import os\nprint(sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))"
+    pids = json.loads(box.run(code).stdout)
+    assert os.getpid() not in pids and max(pids) < 10, pids  # the host's processes are not there
+    killer = box.run(f"import os\nos.kill({os.getpid()}, 9)")
+    assert not killer.ok and "ProcessLookupError" in killer.stderr, killer
+
+
+def _nobody_worker() -> subprocess.Popen:
+    """The worker script as an unprivileged user (nobody), under the system interpreter."""
+    import taurl.envs.sandbox as sandbox_module
+
+    cfg = {"mode": "strongest", "uid": 0, "gid": 0, "tmpfs_mb": 16,
+           "hidden_paths": [str(Path(sandbox_module.__file__).resolve().parents[1])]}
+    return subprocess.Popen(
+        ["/usr/bin/python3", "-I", "-S", str(sandbox_module._WORKER_SCRIPT), json.dumps(cfg)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        user=65534, group=65534, extra_groups=[], cwd="/", start_new_session=True,
+    )
+
+
+def _can_run_as_nobody() -> bool:
+    if os.geteuid() != 0 or not Path("/usr/bin/python3").exists():
+        return False
+    unshare_user = "import ctypes; exit(ctypes.CDLL(None).unshare(0x10000000))"  # CLONE_NEWUSER
+    probe = subprocess.run(["/usr/bin/python3", "-c", unshare_user], user=65534, group=65534,
+                           extra_groups=[], capture_output=True, check=False)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not _can_run_as_nobody(), reason="needs root (to become nobody), "
+                    "/usr/bin/python3 and unprivileged user namespaces")
+def test_an_unprivileged_user_gets_kernel_isolation_from_user_namespaces(tmp_path) -> None:
+    """Not root (a CI runner): the worker builds the same namespaces inside a user namespace,
+    so the code cannot write the user's files, reach the network, see or signal the user's
+    other processes, or remount the tree writable, though it runs as that user."""
+    victim_dir = Path(f"/var/tmp/taurl-nobody-{uuid.uuid4().hex}")
+    victim_dir.mkdir(mode=0o755)
+    victim = victim_dir / "notes.txt"
+    victim.write_text("keep")
+    os.chown(victim_dir, 65534, 65534)
+    os.chown(victim, 65534, 65534)
+    host = subprocess.Popen(["sleep", "60"], user=65534, group=65534, extra_groups=[])
+    worker = _nobody_worker()
+    try:
+        hello = json.loads(worker.stdout.readline())
+        assert hello["isolation"] == ["userns", "netns", "ipcns", "mountns", "pidns"], hello
+
+        def run(code: str) -> dict:
+            req = {"code": code, "stdin": "", "timeout_s": 3.0, "limits": dataclasses.asdict(LIMITS)}
+            worker.stdin.write(json.dumps(req).encode() + b"\n")
+            worker.stdin.flush()
+            return json.loads(worker.stdout.readline())
+
+        assert run("print(6 * 7)")["stdout"] == "42\n"
+        wrote = run(f"open({str(victim)!r}, 'w').write('gone')")
+        assert "Read-only file system" in wrote["stderr"], wrote
+        remount = run(
+            "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+            f"r = libc.mount(None, b'/var/tmp', None, 32 | 4096, None)\n"
+            "print(r, os.strerror(ctypes.get_errno()))"
+        )
+        assert remount["stdout"].startswith("-1 "), remount  # no capability left to remount
+        net = run("import socket\nsocket.create_connection(('1.1.1.1', 80), timeout=2)")
+        assert net["exit_code"] != 0 and "unreachable" in net["stderr"], net
+        killers = run(f"import os, signal\ntry:\n    os.kill(-1, signal.SIGKILL)\nexcept OSError:\n"
+                      f"    pass\nos.kill({host.pid}, signal.SIGKILL)")
+        assert "ProcessLookupError" in killers["stderr"], killers
+        forks = run("import os\npids = [os.fork() for _ in range(3)]\nprint('forked')")
+        assert "forked" in forks["stdout"], forks
+        package = str(Path(__file__).resolve().parents[2] / "taurl")
+        hidden = run(f"import os\nprint(os.listdir({package!r}))")
+        assert "envs" not in hidden["stdout"] and "PermissionError" in hidden["stderr"], hidden
+        assert victim.read_text() == "keep" and host.poll() is None  # both untouched
+    finally:
+        worker.kill()
+        host.kill()
+        shutil.rmtree(victim_dir, ignore_errors=True)
 
 
 def test_limits_are_validated() -> None:
