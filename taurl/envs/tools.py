@@ -615,25 +615,34 @@ def call_tool(
         timeout_s: Limit for this call, used when the tool has no ``timeout_s`` of its own.
         max_output_chars: Longer outputs are cut, with a note saying how much was cut.
     """
+    def result(name: str, text: str, error: bool) -> ToolResult:
+        # Every string echoed back is bounded: names, arguments and exception messages
+        # come from model text and can be arbitrarily long.
+        if len(text) > max_output_chars:
+            cut = len(text) - max_output_chars
+            text = text[:max_output_chars] + f"\n[... {cut} more characters cut]"
+        return ToolResult(name[:200], text, error)
+
     tool = tools.get(call.name)
     if tool is None:
         known = ", ".join(sorted(tools)) or "none"
-        return ToolResult(call.name, f"Error: unknown tool {call.name!r}; available tools: {known}", True)
+        return result(call.name, f"Error: unknown tool {call.name[:200]!r}; available tools: {known}", True)
     problems = validate_arguments(tool.parameters, call.arguments)
     if problems:
-        return ToolResult(tool.name, f"Error: bad arguments for {tool.name!r}: " + "; ".join(problems), True)
+        return result(tool.name, f"Error: bad arguments for {tool.name!r}: " + "; ".join(problems), True)
     limit = tool.timeout_s if tool.timeout_s is not None else timeout_s
     try:
         value = tool.fn(**call.arguments) if limit is None else _run_with_timeout(tool, call, limit)
+        text = _stringify(value)
     except _ToolTimeout:
-        return ToolResult(tool.name, f"Error: tool {tool.name!r} did not finish within {limit:g} s", True)
+        return result(tool.name, f"Error: tool {tool.name!r} did not finish within {limit:g} s", True)
     except Exception as e:  # noqa: BLE001  a tool's failure is the model's observation, not the env's crash
-        return ToolResult(tool.name, f"Error: tool {tool.name!r} raised {type(e).__name__}: {e}", True)
-    text = _stringify(value)
-    if len(text) > max_output_chars:
-        cut = len(text) - max_output_chars
-        text = text[:max_output_chars] + f"\n[... {cut} more characters cut]"
-    return ToolResult(tool.name, text, False)
+        try:
+            message = str(e)
+        except Exception:  # noqa: BLE001  e.g. an int too long to print
+            message = "(its message could not be shown)"
+        return result(tool.name, f"Error: tool {tool.name!r} raised {type(e).__name__}: {message}", True)
+    return result(tool.name, text, False)
 
 
 class _ToolTimeout(Exception):

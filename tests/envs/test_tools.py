@@ -406,3 +406,20 @@ def test_answer_tool_scores_the_whole_argument_and_refuses_a_clashing_tool() -> 
 
     with pytest.raises(ConfigError, match="already named 'final_answer'.*answer_tool=False"):
         Echo([final_answer], answer_tool=True)
+
+
+def test_error_messages_echoing_model_text_are_bounded() -> None:
+    def echo(text: str) -> str:
+        """Fails with the argument in its message.
+
+        Args:
+            text: anything
+        """
+        raise ValueError(text)
+
+    tools = {"echo": Tool.from_function(echo)}
+    long = "x" * 100_000
+    res = call_tool(tools, ToolCall("echo", {"text": long}), max_output_chars=500)
+    assert res.error and len(res.content) < 700 and "more characters cut" in res.content
+    res = call_tool(tools, ToolCall("y" * 100_000, {}), max_output_chars=500)
+    assert res.error and len(res.content) < 700 and len(res.name) <= 200
