@@ -17,6 +17,7 @@ that a test sees the sampling settings each request actually reached it with.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,6 +27,11 @@ import pytest
 from taurl.agents.backend import InferenceBackend
 from taurl.models import resolve_model
 from taurl.types import Generation, SamplingParams
+
+# taurl/Code-v0 refuses a sandbox with only its guard mode (no kernel isolation: not root
+# and no user namespaces). The suite runs its own trusted programs, so it opts in; the
+# refusal itself is tested with the variable removed (tests/envs/test_code_env.py).
+os.environ.setdefault("TAURL_ALLOW_WEAK_SANDBOX", "1")
 
 if TYPE_CHECKING:
     import torch

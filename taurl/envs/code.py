@@ -31,6 +31,7 @@ one-worker sandbox on first use and stops it in :meth:`CodeEnv.close`.
 from __future__ import annotations
 
 import json
+import os
 import re
 import secrets
 
@@ -181,6 +182,9 @@ class CodeEnv(ToolEnv):
             first use (stopped by :meth:`close`).
         limits: Limits of each ``run_python`` call and of the grading run.
         max_turns: Assistant turns before truncation (tool turns count).
+        allow_weak_sandbox: Run even where the sandbox has only its guard mode (no kernel
+            isolation); None reads ``TAURL_ALLOW_WEAK_SANDBOX=1``. Otherwise ``reset``
+            raises ConfigError there, saying why.
         **tool_env_kwargs: Options of :class:`~taurl.envs.base.ToolEnv`
             (``format_penalty``, ``tool_call_bonus``, ``max_tool_calls_per_turn``, ...).
     """
@@ -192,6 +196,7 @@ class CodeEnv(ToolEnv):
         sandbox: Sandbox | None = None,
         limits: SandboxLimits | None = None,
         max_turns: int = 4,
+        allow_weak_sandbox: bool | None = None,
         **tool_env_kwargs: object,
     ) -> None:
         if sandbox is not None and not isinstance(sandbox, Sandbox):
@@ -201,6 +206,10 @@ class CodeEnv(ToolEnv):
         if limits is not None and not isinstance(limits, SandboxLimits):
             raise ConfigError(f"CodeEnv: limits must be a SandboxLimits or None, got {limits!r}")
         self.limits = limits or SandboxLimits()
+        if allow_weak_sandbox is None:
+            allow_weak_sandbox = os.environ.get("TAURL_ALLOW_WEAK_SANDBOX") == "1"
+        self.allow_weak_sandbox = bool(allow_weak_sandbox)
+        self._sandbox_checked = False
         self._owns_sandbox = sandbox is None
         self.sandbox = sandbox or Sandbox(SandboxConfig(workers=1, limits=self.limits))
         # The tool layer's own limit is a backstop behind the sandbox's (which kills the
@@ -220,6 +229,21 @@ class CodeEnv(ToolEnv):
             code: A complete Python program; print what you want to see.
         """
         return format_run(self.sandbox.run(code, limits=self.limits), self.limits)
+
+    def on_reset(self, task: Task) -> None:
+        super().on_reset(task)
+        if not self._sandbox_checked:
+            isolation = self.sandbox.isolation  # starts the sandbox
+            if "guard" in isolation.split("+") and not self.allow_weak_sandbox:
+                raise ConfigError(
+                    f"taurl/Code-v0 runs model-written code, and on this machine the sandbox "
+                    f"only has its guard mode (isolation={isolation!r}): an in-process check "
+                    "that deliberate code can get around, not a boundary. Run as root, or "
+                    "enable unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1"
+                    " / user.max_user_namespaces > 0) for kernel isolation; or accept the risk "
+                    "with CodeEnv(allow_weak_sandbox=True) or TAURL_ALLOW_WEAK_SANDBOX=1"
+                )
+            self._sandbox_checked = True
 
     def make_task(self, rng: np.random.Generator) -> Task:
         pool = PROBLEMS_BY_SPLIT[self.split]

@@ -16,6 +16,7 @@ from taurl.envs import check_env, run_episode
 from taurl.envs.code import CodeEnv, extract_code, failing_policy, oracle_policy
 from taurl.envs.code_problems import HELDOUT_FAMILIES, PROBLEMS, TRAIN_FAMILIES
 from taurl.envs.sandbox import Sandbox, SandboxConfig, SandboxLimits
+from taurl.errors import ConfigError
 
 LIMITS = SandboxLimits(timeout_s=3.0, cpu_s=2, memory_mb=128, max_processes=8)
 
@@ -234,7 +235,7 @@ def test_private_sandbox_serves_every_call_of_an_episode() -> None:
 def test_concurrent_episodes_with_private_sandboxes_grade_correctly() -> None:
     """One env per episode, each with its own sandbox, graded at the same time: the
     reference solutions must all score 1.0 (sandboxes must not kill each other's runs)."""
-    envs = [CodeEnv("train", limits=LIMITS) for _ in range(8)]
+    envs = [CodeEnv("train", limits=LIMITS) for _ in range(32)]
 
     def play(pair: tuple[int, CodeEnv]) -> float:
         seed, env = pair
@@ -245,9 +246,23 @@ def test_concurrent_episodes_with_private_sandboxes_grade_correctly() -> None:
         return env.step(answer)[1]
 
     try:
-        with ThreadPoolExecutor(8) as pool:
+        with ThreadPoolExecutor(32) as pool:
             rewards = list(pool.map(play, enumerate(envs)))
     finally:
         for env in envs:
             env.close()
-    assert rewards == [1.0] * 8
+    assert rewards == [1.0] * 32
+
+
+def test_guard_only_sandbox_is_refused_unless_the_user_opts_in(monkeypatch) -> None:
+    monkeypatch.delenv("TAURL_ALLOW_WEAK_SANDBOX", raising=False)
+    with Sandbox(SandboxConfig(workers=1, limits=LIMITS, isolation="guard")) as weak:
+        env = CodeEnv("train", sandbox=weak, limits=LIMITS)
+        with pytest.raises(ConfigError, match="allow_weak_sandbox=True"):
+            env.reset(seed=0)
+        env = CodeEnv("train", sandbox=weak, limits=LIMITS, allow_weak_sandbox=True)
+        env.reset(seed=0)
+        obs, *_ = env.step(_call("print(6 * 7)"))
+        assert "exit code 0\nstdout:\n42" in obs[0]["content"]
+        monkeypatch.setenv("TAURL_ALLOW_WEAK_SANDBOX", "1")
+        CodeEnv("train", sandbox=weak, limits=LIMITS).reset(seed=0)
