@@ -47,7 +47,6 @@ import os
 import re
 import resource
 import select
-import shutil
 import signal
 import sys
 import tempfile
@@ -518,6 +517,65 @@ def _reap_all(deadline: float) -> None:
             time.sleep(0.001)
 
 
+def remove_tree(top: str) -> None:
+    """Delete ``top`` and everything in it, without recursion and without long paths.
+
+    The code may nest directories thousands deep (``shutil.rmtree`` recurses and would
+    raise RecursionError, crashing the worker) or lock itself out with ``chmod 000``.
+    This walks down with ``chdir`` one level at a time, so no path grows long and no
+    descriptor is held per level. Errors are ignored: it removes what it can.
+    """
+    try:
+        home = os.open(".", os.O_RDONLY)
+    except OSError:
+        return
+    names: list[str] = []
+    try:
+        os.chdir(top)
+        while True:
+            sub = None
+            try:
+                entries = list(os.scandir("."))
+            except OSError:
+                entries = []
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    sub = entry.name
+                    break
+                try:
+                    os.unlink(entry.name)
+                except OSError:
+                    pass
+            if sub is not None:
+                try:
+                    os.chmod(sub, 0o700)  # a directory the code made unreadable
+                    os.chdir(sub)
+                    names.append(sub)
+                    continue
+                except OSError:
+                    try:
+                        os.rmdir(sub)  # cannot enter it: at least try to drop it
+                    except OSError:
+                        break  # give up on this tree rather than loop
+                    continue
+            if not names:
+                break
+            os.chdir("..")
+            try:
+                os.rmdir(names.pop())
+            except OSError:
+                break
+    except OSError:
+        pass
+    finally:
+        os.fchdir(home)
+        os.close(home)
+    try:
+        os.rmdir(top)
+    except OSError:
+        pass
+
+
 def _read(path: str, limit: int) -> tuple[str, bool]:
     with open(path, "rb") as f:
         data = f.read(limit + 1)
@@ -574,7 +632,7 @@ def _execute(
         except (ProcessLookupError, PermissionError):
             pass
     _reap_all(deadline=time.monotonic() + 2.0)
-    shutil.rmtree(workdir, ignore_errors=True)
+    remove_tree(workdir)
     stdout, out_cut = _read(os.path.join(io_dir, "stdout"), lim["max_output_bytes"])
     stderr, err_cut = _read(os.path.join(io_dir, "stderr"), lim["max_output_bytes"])
     exit_code = os.waitstatus_to_exitcode(status)
@@ -652,7 +710,8 @@ def main() -> None:
     os.chmod(io_dir, 0o700)
     inp = sys.stdin.buffer
     out = sys.stdout.buffer
-    hello = {"isolation": layers, "memory_cgroup": memcg.path if memcg else None}
+    hello = {"isolation": layers, "memory_cgroup": memcg.path if memcg else None,
+             "root": None if "mountns" in layers else root}  # the host's to clean after a crash
     out.write(json.dumps(hello).encode() + b"\n")
     out.flush()
     try:
@@ -666,7 +725,7 @@ def main() -> None:
     except BrokenPipeError:
         pass
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        remove_tree(root)
         if memcg is not None:
             memcg.remove()
 

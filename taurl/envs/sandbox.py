@@ -60,6 +60,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal, Self
 
+from taurl.envs._sandbox_worker import remove_tree
 from taurl.errors import TaurlError
 
 _WORKER_SCRIPT = Path(__file__).with_name("_sandbox_worker.py")
@@ -221,6 +222,7 @@ class _Worker:
             self._release()
             raise
         self._buffer = b""
+        self.closed = False
         hello = self._read_line(deadline=time.monotonic() + 30)
         if hello is None:
             self.kill()
@@ -231,6 +233,7 @@ class _Worker:
         info = json.loads(hello)
         self.layers: list[str] = info["isolation"]
         self.memory_cgroup: str | None = info.get("memory_cgroup")
+        self.root: str | None = info.get("root")  # its run directories, when on the host's /tmp
 
     def _release(self) -> None:
         if self.lease is not None:
@@ -244,6 +247,7 @@ class _Worker:
                 return None
             chunk = os.read(fd, 1 << 20)
             if not chunk:
+                self.closed = True  # end of file: the worker exited
                 return None
             self._buffer += chunk
         line, _, self._buffer = self._buffer.partition(b"\n")
@@ -267,6 +271,8 @@ class _Worker:
         except (ProcessLookupError, PermissionError):
             pass
         self.proc.wait()
+        if getattr(self, "root", None):
+            remove_tree(self.root)  # a killed worker leaves its directory behind otherwise
         self._remove_cgroup()
         self._release()  # the worker and its children are gone: the uid is free again
 
@@ -356,16 +362,25 @@ class Sandbox:
         try:
             reply = worker.execute(request, lim.timeout_s)
             if reply is None or "error" in reply:
+                if reply is not None:
+                    detail, hung = reply["error"], False
+                elif worker.closed or worker.proc.poll() is not None:
+                    try:
+                        status = worker.proc.wait(timeout=2)
+                    except subprocess.TimeoutExpired:
+                        status = "unknown"
+                    detail, hung = f"the worker crashed, exit status {status}", False
+                else:
+                    detail, hung = "worker stopped answering", True
                 worker = self._replace(worker)
-                detail = "worker stopped answering" if reply is None else reply["error"]
                 return SandboxResult(
                     ok=False,
                     stdout="",
                     stderr=f"sandbox: execution aborted ({detail}); the worker was restarted",
                     exit_code=None,
-                    timed_out=reply is None,
+                    timed_out=hung,
                     killed_reason="sandbox_error",
-                    duration_s=lim.timeout_s,
+                    duration_s=lim.timeout_s if hung else 0.0,
                 )
         finally:
             self._idle.put(worker)

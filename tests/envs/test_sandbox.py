@@ -170,12 +170,49 @@ def test_concurrent_runs_from_threads(box: Sandbox) -> None:
     assert [r.stdout for r in results] == [f"{i * i}\n" for i in range(20)]
 
 
-def test_a_dead_worker_is_replaced() -> None:
+def test_a_dead_worker_is_replaced_and_reported_as_a_crash() -> None:
     with Sandbox(SandboxConfig(workers=1, limits=LIMITS)) as sandbox:
         sandbox._all[0].proc.kill()  # what an OOM kill of the worker would look like
         broken = sandbox.run("print(1)")
         assert not broken.ok and broken.killed_reason == "sandbox_error"
+        assert not broken.timed_out and "crashed" in broken.stderr, broken  # not a timeout
         _alive(sandbox)
+
+
+def test_deeply_nested_directories_are_cleaned_up(box: Sandbox) -> None:
+    """shutil.rmtree recurses: 1,200 nested directories (past Python's recursion limit)
+    crashed the worker on cleanup."""
+    code = "import os\nfor _ in range(1200):\n    os.mkdir('d')\n    os.chdir('d')\nprint('deep')"
+    result = box.run(code)
+    assert result.ok and result.stdout == "deep\n", result
+    locked = box.run("import os\nos.mkdir('x')\nopen('x/f', 'w').write('1')\nos.chmod('x', 0)")
+    assert locked.ok, locked
+    _alive(box)
+    for worker in box._all:
+        assert worker.proc.poll() is None  # no worker died on the way
+        if worker.root:  # guard mode: its run directories are on the host's /tmp
+            assert os.listdir(worker.root) == [n for n in os.listdir(worker.root) if n.startswith("io-")]
+
+
+def test_remove_tree_handles_depth_and_locked_directories(tmp_path) -> None:
+    from taurl.envs._sandbox_worker import remove_tree
+
+    top = tmp_path / "top"
+    cur = top
+    cur.mkdir()
+    fd = os.open(cur, os.O_RDONLY)
+    for _ in range(2500):  # deeper than recursion or PATH_MAX allow
+        os.mkdir("d", dir_fd=fd)
+        nxt = os.open("d", os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd = nxt
+    os.close(fd)
+    (top / "locked").mkdir()
+    (top / "locked" / "f").write_text("x")
+    os.chmod(top / "locked", 0)
+    cwd = os.getcwd()
+    remove_tree(str(top))
+    assert not top.exists() and os.getcwd() == cwd
 
 
 def test_a_sandbox_started_in_a_thread_outlives_the_thread() -> None:
