@@ -340,6 +340,43 @@ class Sandbox:
         self.start()
         return "+".join(self._all[0].layers)
 
+    def protections(self) -> dict[str, str]:
+        """What keeps the code from each thing, given the layers this machine allowed.
+
+        Keys are the threats; a value starting with ``kernel:`` is enforced by the kernel,
+        ``guard:`` by the in-process audit hook (stops ordinary Python, not a boundary),
+        ``none:`` means nothing does.
+        """
+        layers = set(self.isolation.split("+"))
+        confined_fs = "mountns" in layers and bool(layers & {"uid", "userns"})
+        return {
+            "network": "kernel: empty network namespace" if "netns" in layers
+            else "guard: socket calls refused",
+            "writing files outside the run's directory": "kernel: read-only, nosuid mount "
+            "namespace" if confined_fs else "guard: opening for writing refused",
+            "reading the taurl package (Code-v0's hidden tests)": "kernel: covered by an "
+            "unreadable tmpfs" if confined_fs else "guard: opening refused",
+            "host unix sockets (/run)": "kernel: /run covered by an unreadable tmpfs"
+            if confined_fs else "guard: socket calls refused",
+            "seeing or signalling other processes": "kernel: a PID namespace per run"
+            if "pidns" in layers else "kernel: a uid of its own" if "uid" in layers
+            else "guard: process creation and kill refused",
+            "SysV shared memory and semaphores": "kernel: IPC namespace" if "ipcns" in layers
+            else "none: shared with the host",
+            "processes left running after the run": "kernel: the PID namespace ends with "
+            "the run" if "pidns" in layers else "kernel: every process of its uid killed"
+            if "uid" in layers else "guard: process creation refused",
+            "number of processes": "kernel: RLIMIT_NPROC of its own uid" if "uid" in layers
+            else "kernel: RLIMIT_NPROC in its user namespace" if "userns" in layers
+            else "guard: process creation refused",
+            "total memory of a run and its forks": "kernel: memory cgroup" if "memcg" in layers
+            else "kernel: RLIMIT_AS per process only (forks each get the limit)",
+            "gaining privileges (setuid programs)": "kernel: no_new_privs"
+            + (", capabilities dropped" if "userns" in layers else ""),
+            "CPU time, wall-clock time, file size, open files": "kernel: rlimits and a "
+            "wall-clock kill",
+        }
+
     def run(self, code: str, stdin: str = "", limits: SandboxLimits | None = None) -> SandboxResult:
         """Run ``code`` as a Python program in a fresh confined child process.
 

@@ -37,6 +37,18 @@ def box(request: pytest.FixtureRequest) -> Iterator[Sandbox]:
         yield sandbox
 
 
+def test_protections_say_what_enforces_each_item(box: Sandbox) -> None:
+    report = box.protections()
+    assert len(report) >= 10 and all(
+        v.split(":")[0] in ("kernel", "guard", "none") for v in report.values()), report
+    if box.isolation == "guard":
+        assert report["network"].startswith("guard:")
+        assert report["total memory of a run and its forks"].startswith("kernel: RLIMIT_AS")
+    elif _namespaces_available():
+        weak = {k: v for k, v in report.items() if not v.startswith("kernel:")}
+        assert not weak, weak  # root: the kernel enforces every item
+
+
 def _alive(box: Sandbox) -> None:
     result = box.run("print('alive')")
     assert result.ok and result.stdout == "alive\n", result
