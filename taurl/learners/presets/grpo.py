@@ -10,12 +10,15 @@ are nearly solved or nearly hopeless) and dividing each sequence's loss by its o
 length (which makes long wrong answers cheap). DAPO keeps the std but clips the
 ratio higher than lower (more room to raise unlikely good tokens), averages over
 all tokens of the batch, drops groups whose answers all score the same, and drops
-the KL term.
+the KL term. GRPO's options below are written out in full; the revisions list only
+what they change.
 
 Every preset also truncates importance weights against the sampler's log-probs at
 2 (Yao et al. 2025, "Your efficient RL framework secretly brings you off-policy RL
 training"): vLLM and the learner never agree exactly.
 """
+
+import dataclasses
 
 from taurl.learners.options import AlgorithmOptions
 
@@ -60,75 +63,21 @@ OPTIONS = AlgorithmOptions(
 DR_SUMMARY = "Dr.GRPO: GRPO without the std and length normalisations"
 DR_PAPER = "Liu et al. 2025, Understanding R1-Zero-Like Training (arXiv 2503.20783)"
 
-DR_OPTIONS = AlgorithmOptions(
-    # reward side
-    advantage="group_norm",
-    credit="episode",
+DR_OPTIONS = dataclasses.replace(
+    OPTIONS,
     group_scale="none",  # A = R - mean_group: no division by the std
-    gamma=1.0,
-    lam=1.0,
-    gamma_turn=1.0,
-    step_group_weight=0.0,
-    filter_zero_var_groups=False,
     kl_coef=0.0,  # the paper trains without a KL term
-    kl_estimator="k3",
-    kl_in="loss",
-    teacher="none",
-    teacher_path="",
-    teacher_coef=0.0,
-    teacher_clip=0.0,
-    advantage_coef=1.0,
-    # trajectory side
-    policy_loss="ppo_clip",
-    eps_low=0.2,
-    eps_high=0.2,
-    dual_clip=0.0,
-    tis_cap=2.0,
-    loss_agg="seq-mean-token-sum-norm",  # Σ tokens / (G × a constant length)
-    loss_norm_len=0,  # 0: the longest answer in the batch; the paper uses the generation budget
-    entropy_coef=0.0,
-    critic="none",
-    critic_path="",
-    vf_coef=0.0,
-    value_clip=0.0,
-    epochs=1,
-    minibatches=1,
+    loss_agg="seq-mean-token-sum-norm",  # Σ tokens / (G × a constant length); loss_norm_len 0:
+    # the longest answer in the batch (the paper uses the generation budget)
 )
 
 DAPO_SUMMARY = "DAPO: clip-higher, token-mean loss, dynamic sampling, no KL"
 DAPO_PAPER = "Yu et al. 2025, DAPO (arXiv 2503.14476)"
 
-DAPO_OPTIONS = AlgorithmOptions(
-    # reward side
-    advantage="group_norm",
-    credit="episode",
-    group_scale="std",
-    gamma=1.0,
-    lam=1.0,
-    gamma_turn=1.0,
-    step_group_weight=0.0,
+DAPO_OPTIONS = dataclasses.replace(
+    OPTIONS,
     filter_zero_var_groups=True,  # dynamic sampling: drop groups with all-equal rewards
     kl_coef=0.0,  # no KL: long reasoning is meant to move far from the initial model
-    kl_estimator="k3",
-    kl_in="loss",
-    teacher="none",
-    teacher_path="",
-    teacher_coef=0.0,
-    teacher_clip=0.0,
-    advantage_coef=1.0,
-    # trajectory side
-    policy_loss="ppo_clip",
-    eps_low=0.2,  # ε_low = 0.2
-    eps_high=0.28,  # ε_high = 0.28: clip-higher
-    dual_clip=0.0,
-    tis_cap=2.0,
+    eps_high=0.28,  # ε_high = 0.28 > ε_low = 0.2: clip-higher
     loss_agg="token-mean",  # token-level policy gradient loss
-    loss_norm_len=0,
-    entropy_coef=0.0,
-    critic="none",
-    critic_path="",
-    vf_coef=0.0,
-    value_clip=0.0,
-    epochs=1,
-    minibatches=1,
 )

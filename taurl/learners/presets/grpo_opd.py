@@ -14,7 +14,9 @@ with ``options.teacher_path`` for a separate (larger) teacher, or ``precomputed`
 read ``info["teacher_logprobs"]`` filled in by an inference engine.
 """
 
-from taurl.learners.options import AlgorithmOptions
+import dataclasses
+
+from taurl.learners.presets import grpo
 
 SUMMARY = "GRPO + on-policy distillation from a (privileged-context) teacher"
 PAPER = (
@@ -22,37 +24,12 @@ PAPER = (
     "Shao et al. 2024, DeepSeekMath (arXiv 2402.03300)"
 )
 
-OPTIONS = AlgorithmOptions(
-    # reward side
-    advantage="group_norm",  # A_GRPO
-    credit="episode",
-    group_scale="std",
-    gamma=1.0,
-    lam=1.0,
-    gamma_turn=1.0,
-    step_group_weight=0.0,
-    filter_zero_var_groups=False,  # zero-variance groups still carry the teacher's signal
+OPTIONS = dataclasses.replace(
+    grpo.OPTIONS,  # A_GRPO: group-normalised outcome advantage, PPO clip
     kl_coef=0.0,  # the teacher already anchors the policy
-    kl_estimator="k3",
-    kl_in="loss",
     teacher="privileged",  # frozen base model + info["privileged_context"]
-    teacher_path="",
     teacher_coef=1.0,  # λ = 1: the reverse-KL reward at unit weight, as in GKD
-    teacher_clip=0.0,  # no clamp on teacher - student
-    advantage_coef=1.0,  # α = 1; set 0 for pure OPD
-    # trajectory side
-    policy_loss="ppo_clip",
-    eps_low=0.2,
-    eps_high=0.2,
-    dual_clip=0.0,
-    tis_cap=2.0,
     loss_agg="token-mean",  # the teacher's signal is per token
-    loss_norm_len=0,
-    entropy_coef=0.0,
-    critic="none",
-    critic_path="",
-    vf_coef=0.0,
-    value_clip=0.0,
-    epochs=1,
-    minibatches=1,
+    # filter_zero_var_groups stays off: zero-variance groups still carry the teacher's signal;
+    # teacher_clip 0: no clamp on teacher - student; advantage_coef α = 1 (0 = pure OPD)
 )

@@ -15,7 +15,7 @@ rewards arrive per turn and within-turn token credit is noise.
 
 import dataclasses
 
-from taurl.learners.options import AlgorithmOptions
+from taurl.learners.presets import grpo
 
 SUMMARY = "PPO: value head on the policy, token-level GAE, clipped surrogate, KL in reward"
 TURN_SUMMARY = "PPO with turn-level GAE: the critic evaluated once per turn"
@@ -24,35 +24,15 @@ PAPER = (
     "(arXiv 2203.02155); Huang et al. 2024, The N+ implementation details of RLHF with PPO"
 )
 
-OPTIONS = AlgorithmOptions(
-    # reward side
-    advantage="gae",  # token-level GAE
-    credit="episode",  # unused by gae
-    group_scale="std",  # unused by gae
-    gamma=1.0,  # γ = 1: episodes are short and the reward comes at the end
+OPTIONS = dataclasses.replace(
+    grpo.OPTIONS,  # the options GRPO spells out, changed where PPO differs:
+    advantage="gae",  # token-level GAE, γ = 1 (short episodes, reward at the end)
     lam=0.95,  # λ = 0.95
-    gamma_turn=1.0,
-    step_group_weight=0.0,
-    filter_zero_var_groups=False,
     kl_coef=0.05,  # per-token KL penalty β in the reward (InstructGPT-style)
     kl_estimator="k1",
     kl_in="reward",
-    teacher="none",
-    teacher_path="",
-    teacher_coef=0.0,
-    teacher_clip=0.0,
-    advantage_coef=1.0,
-    # trajectory side
-    policy_loss="ppo_clip",
-    eps_low=0.2,  # ε = 0.2
-    eps_high=0.2,
-    dual_clip=0.0,
-    tis_cap=2.0,  # sampler–learner mismatch correction (Yao et al. 2025)
     loss_agg="token-mean",
-    loss_norm_len=0,
-    entropy_coef=0.0,
     critic="head",  # a linear value head on the policy's last hidden state
-    critic_path="",
     vf_coef=0.1,  # value loss weight
     value_clip=0.2,  # value clipping range
     epochs=4,  # 4 PPO epochs per batch

@@ -12,42 +12,20 @@ the gradient is reweighted by truncated importance weights ``min(π_learner/π_s
 training").
 """
 
-from taurl.learners.options import AlgorithmOptions
+import dataclasses
+
+from taurl.learners.presets import grpo
 
 SUMMARY = "REINFORCE with a leave-one-out (RLOO) or batch-whitened baseline, TIS-corrected"
 PAPER = "Ahmadian et al. 2024, Back to Basics: REINFORCE-style optimization (arXiv 2402.14740)"
 
-OPTIONS = AlgorithmOptions(
-    # reward side
+OPTIONS = dataclasses.replace(
+    grpo.OPTIONS,  # the options GRPO spells out, changed where REINFORCE differs:
     advantage="rloo",  # A_i = R_i - mean of the other samples of the task
-    credit="episode",
-    group_scale="std",  # unused by rloo
-    gamma=1.0,
-    lam=1.0,
-    gamma_turn=1.0,
-    step_group_weight=0.0,
-    filter_zero_var_groups=False,
     kl_coef=0.05,  # β = 0.05 in the paper's experiments
     kl_estimator="k1",  # log π_θ - log π_ref, subtracted from the reward
     kl_in="reward",
-    teacher="none",
-    teacher_path="",
-    teacher_coef=0.0,
-    teacher_clip=0.0,
-    advantage_coef=1.0,
-    # trajectory side
-    policy_loss="reinforce",  # -A log π_θ(token)
-    eps_low=0.2,  # unused by reinforce
-    eps_high=0.2,  # unused by reinforce
-    dual_clip=0.0,
-    tis_cap=2.0,  # truncated importance sampling against the sampler
+    policy_loss="reinforce",  # -A log π_θ(token); eps_low/eps_high unused
     loss_agg="token-mean",
-    loss_norm_len=0,
-    entropy_coef=0.0,
-    critic="none",
-    critic_path="",
-    vf_coef=0.0,
-    value_clip=0.0,
-    epochs=1,  # REINFORCE is on-policy: one step per batch
-    minibatches=1,
+    # tis_cap 2: truncated importance sampling against the sampler; epochs 1: on-policy
 )
