@@ -278,7 +278,7 @@ def opd(
     teacher_logprobs_B_T: torch.Tensor,
     mask_B_T: torch.Tensor,
     coef: float,
-    clip: float | None = None,
+    clip: float = 0.0,
 ) -> torch.Tensor:
     """On-policy distillation advantage: ``coef * clip(teacher - student)`` per sampled token.
 
@@ -291,13 +291,13 @@ def opd(
         teacher_logprobs_B_T: float [B, T], log-prob of the same tokens under the teacher.
         mask_B_T: 0/1 [B, T], sampled tokens.
         coef: λ.
-        clip: clamp ``teacher - student`` to ``[-clip, clip]``; None leaves it unclipped.
+        clip: clamp ``teacher - student`` to ``[-clip, clip]``; 0 leaves it unclipped.
 
     Returns:
         float [B, T], detached (a reward, not a path for gradient), 0 where mask is 0.
     """
     gap = (teacher_logprobs_B_T - student_logprobs_B_T).detach()
-    if clip is not None:
+    if clip:
         gap = gap.clamp(-clip, clip)
     return coef * gap * mask_B_T.to(gap.dtype)
 

@@ -144,7 +144,7 @@ class Learner:
             gamma=o.gamma, lam=o.lam, gamma_turn=o.gamma_turn, credit=o.credit,
             scale=o.group_scale,
         )
-        self.loss_params = L.PolicyLossParams(o.eps_low, o.eps_high, o.dual_clip or None)
+        self.loss_params = L.PolicyLossParams(o.eps_low, o.eps_high, o.dual_clip)
 
         self.model = load_causal_lm(self.model_path, self.device)
         hidden_size = self.model.config.hidden_size
@@ -368,7 +368,7 @@ class Learner:
             adv = adv + o.step_group_weight * A.broadcast_turns(step_adv, turns, mask)
         if o.teacher != "none":
             opd_adv = A.opd(scores.old_logp, scores.teacher_logp, mask, o.teacher_coef,
-                            o.teacher_clip or None)
+                            o.teacher_clip)
             adv = A.grpo_opd(adv, opd_adv, o.advantage_coef)
             metrics["reward/teacher_gap"] = L.masked_mean(
                 scores.teacher_logp - scores.old_logp, mask).item()
@@ -516,7 +516,7 @@ class Learner:
         o = self.options
         mask = batch.mask_B_T[idx, :W]
         old = scores.old_logp[idx, :W] if scores.old_logp is not None else logp.detach()
-        w, m = L.tis_weights(old, batch.sampler_logp_B_T[idx, :W], mask, o.tis_cap or None)
+        w, m = L.tis_weights(old, batch.sampler_logp_B_T[idx, :W], mask, o.tis_cap)
         pg, pg_m = self.policy_loss(logp, old, adv[idx, :W], mask, self.loss_params)
         m.update(pg_m)
         per_token = pg * w
@@ -531,7 +531,7 @@ class Learner:
         if values is not None and returns is not None and value_mask is not None:
             vmask = value_mask[idx, :W]
             vl, vm = L.value_loss(values, scores.values[idx, :W], returns[idx, :W], vmask,
-                                  o.value_clip or None)
+                                  o.value_clip)
             loss = loss + o.vf_coef * L.aggregate(vl, vmask, "token-mean", num_value, 1, 1)
             m.update(vm)
         return loss, m

@@ -41,7 +41,7 @@ class PolicyLossParams:
 
     eps_low: float = 0.2  # ratio clipped below at 1 - eps_low
     eps_high: float = 0.2  # ratio clipped above at 1 + eps_high (DAPO clip-higher: > eps_low)
-    dual_clip: float | None = None  # dual-clip constant c > 1 for negative advantages; None off
+    dual_clip: float = 0.0  # dual-clip constant c > 1 for negative advantages; 0 = off
 
 
 def ppo_clip_loss(
@@ -76,7 +76,7 @@ def ppo_clip_loss(
     unclipped = -advantages_B_T * ratio
     clipped = -advantages_B_T * ratio.clamp(1 - params.eps_low, 1 + params.eps_high)
     loss = torch.maximum(unclipped, clipped)
-    if params.dual_clip is not None:
+    if params.dual_clip:
         capped = torch.minimum(loss, -advantages_B_T * params.dual_clip)
         loss = torch.where(advantages_B_T < 0, capped, loss)
     m = mask_B_T.to(loss.dtype)
@@ -142,7 +142,7 @@ def tis_weights(
     learner_logp_B_T: torch.Tensor,
     sampler_logp_B_T: torch.Tensor,
     mask_B_T: torch.Tensor,
-    cap: float | None,
+    cap: float,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Truncated importance weights for the sampler–learner mismatch (Yao et al. 2025, "Your
     efficient RL framework secretly brings you off-policy RL training").
@@ -155,7 +155,7 @@ def tis_weights(
         learner_logp_B_T: float [B, T], the learner's log-probs (detached inside).
         sampler_logp_B_T: float [B, T], the sampler's log-probs (Trajectory.logprobs).
         mask_B_T: 0/1 [B, T], sampled tokens.
-        cap: truncation C > 0, or None for no correction (weights all 1).
+        cap: truncation C > 0, or 0 for no correction (weights all 1).
 
     Returns:
         ``(weights_B_T, metrics)``: weights 0 off the mask; ``traj/sampler_mismatch_kl``
@@ -173,7 +173,7 @@ def tis_weights(
             "traj/sampler_mismatch_kl": masked_mean(ratio - 1 - log_ratio, m),
             "traj/sampler_logp_absdiff_max": (log_ratio.abs() * m).max(),
         }
-        if cap is None:
+        if not cap:
             return m, metrics
         metrics["traj/tis_capped_frac"] = masked_mean((ratio > cap).to(m.dtype), m)
         return ratio.clamp(max=cap) * m, metrics
@@ -219,7 +219,7 @@ def value_loss(
     old_values_B_T: torch.Tensor,
     returns_B_T: torch.Tensor,
     mask_B_T: torch.Tensor,
-    clip: float | None,
+    clip: float,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO's clipped value loss, per position: ``0.5 max((V - R)^2, (V_clip - R)^2)``.
 
@@ -231,7 +231,7 @@ def value_loss(
         old_values_B_T: float [B, T], the values used for the advantages (no gradient).
         returns_B_T: float [B, T], the value targets.
         mask_B_T: 0/1 [B, T], positions where the value is trained.
-        clip: clip range, or None for the plain squared error.
+        clip: clip range, or 0 for the plain squared error.
 
     Returns:
         ``(loss_B_T, metrics)`` with ``traj/value_clip_frac`` and ``traj/value_error``
@@ -239,7 +239,7 @@ def value_loss(
     """
     m = mask_B_T.to(values_B_T.dtype)
     err = (values_B_T - returns_B_T) ** 2
-    if clip is None:
+    if not clip:
         loss = 0.5 * err
         clip_frac = torch.zeros((), device=values_B_T.device)
     else:

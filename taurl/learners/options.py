@@ -2,7 +2,9 @@
 
 An algorithm is a named preset (``taurl/learners/presets/``) that fills every field of
 :class:`AlgorithmOptions`. A user's config sets only the fields it wants to change;
-``None`` means "the preset's value". :func:`resolve` merges the two and checks that
+``None`` means "the preset's value"; 0 turns a term off, here and in the math functions
+(``advantages``, ``losses``), which take the resolved values as they are.
+:func:`resolve` merges the two and checks that
 the combination makes sense.
 """
 

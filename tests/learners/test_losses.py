@@ -78,7 +78,7 @@ def test_tis_weights_by_hand() -> None:
     expect = ((3 - 1 - math.log(3)) + (0.5 - 1 - math.log(0.5)) + 0.0) / 3
     assert m["traj/sampler_mismatch_kl"].item() == pytest.approx(expect, rel=1e-5)
     assert m["traj/sampler_logp_absdiff_max"].item() == pytest.approx(math.log(3), rel=1e-5)
-    w, _ = L.tis_weights(learner, sampler, mask, cap=None)
+    w, _ = L.tis_weights(learner, sampler, mask, cap=0)
     close(w, [[1.0, 1.0, 1.0, 0.0]])
 
 
@@ -104,7 +104,7 @@ def test_value_loss_clipped_by_hand() -> None:
     loss, m = L.value_loss(v, old, ret, torch.ones(1, 2), clip=0.5)
     close(loss, [[1.125, 0.72]])
     assert m["traj/value_clip_frac"].item() == pytest.approx(0.5)
-    loss, _ = L.value_loss(v, old, ret, torch.ones(1, 2), clip=None)
+    loss, _ = L.value_loss(v, old, ret, torch.ones(1, 2), clip=0)
     close(loss, [[0.5, 0.72]])
 
 
