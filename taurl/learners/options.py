@@ -4,8 +4,7 @@ An algorithm is a named preset (``taurl/learners/presets/``) that fills every fi
 :class:`AlgorithmOptions`. A user's config sets only the fields it wants to change;
 ``None`` means "the preset's value"; 0 turns a term off, here and in the math functions
 (``advantages``, ``losses``), which take the resolved values as they are.
-:func:`resolve` merges the two and checks that
-the combination makes sense.
+:func:`resolve` merges the two and checks that the combination makes sense.
 """
 
 from __future__ import annotations
