@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, TypeAlias, get_args
 
-from taurl.errors import SchemaError, TrajectoryError
+from taurl.errors import ConfigError, SchemaError, TrajectoryError
 
 #: Version of the Trajectory JSONL schema this taurl writes and reads.
 SCHEMA_VERSION = 1
@@ -54,13 +54,13 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
-            raise ValueError(f"SamplingParams.max_tokens must be >= 1, got {self.max_tokens}")
+            raise ConfigError(f"SamplingParams.max_tokens must be >= 1, got {self.max_tokens}")
         if self.temperature < 0:
-            raise ValueError(
+            raise ConfigError(
                 f"SamplingParams.temperature must be >= 0 (0 = greedy), got {self.temperature}"
             )
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
+            raise ConfigError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
 
 
 @dataclass(frozen=True)

@@ -118,3 +118,28 @@ def test_a_base_keeps_every_field_the_data_does_not_name(tmp_path) -> None:
     assert base == Outer()  # not modified
     with pytest.raises(ConfigError, match="iterations must be >= 1, got 0"):  # still validated
         load_config(Demo, None, ["iterations=0"], base=Demo())
+
+
+def test_every_config_class_rejects_bad_values_with_config_error() -> None:
+    """One error type for bad settings (the CLI prints TaurlErrors cleanly, not tracebacks)."""
+    from taurl.agents.loop import AgentConfig
+    from taurl.envs.sandbox import SandboxConfig, SandboxLimits
+    from taurl.errors import ConfigError
+    from taurl.rollout.commands import BackendConfig
+    from taurl.rollout.eval import EvalConfig
+    from taurl.rollout.runner import RolloutConfig
+    from taurl.types import SamplingParams
+
+    bad = [
+        lambda: AgentConfig(max_turns=0),
+        lambda: SamplingParams(max_tokens=0),
+        lambda: SamplingParams(temperature=-1),
+        lambda: RolloutConfig(split="dev"),
+        lambda: EvalConfig(envs=[]),
+        lambda: BackendConfig(kind="nope"),
+        lambda: SandboxLimits(timeout_s=0),
+        lambda: SandboxConfig(workers=0),
+    ]
+    for make in bad:
+        with pytest.raises(ConfigError):
+            make()

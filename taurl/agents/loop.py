@@ -42,7 +42,7 @@ import gymnasium
 
 from taurl.agents.backend import InferenceBackend
 from taurl.agents.chat import BridgeMethod, ChatRenderer
-from taurl.errors import EnvWorkerLost
+from taurl.errors import ConfigError, EnvWorkerLost
 from taurl.types import JSONValue, Message, SamplingParams, Termination, Trajectory
 
 if TYPE_CHECKING:
@@ -66,9 +66,9 @@ class AgentConfig:
 
     def __post_init__(self) -> None:
         if self.max_turns < 1:
-            raise ValueError(f"AgentConfig.max_turns must be >= 1, got {self.max_turns}")
+            raise ConfigError(f"AgentConfig.max_turns must be >= 1, got {self.max_turns}")
         if self.max_context_tokens is not None and self.max_context_tokens < 2:
-            raise ValueError(
+            raise ConfigError(
                 f"AgentConfig.max_context_tokens must be >= 2 (a prompt and one new token) or "
                 f"None for the backend's limit, got {self.max_context_tokens}"
             )

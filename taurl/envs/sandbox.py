@@ -61,7 +61,7 @@ from pathlib import Path
 from typing import Literal, Self
 
 from taurl.envs._sandbox_worker import remove_tree
-from taurl.errors import TaurlError
+from taurl.errors import ConfigError, TaurlError
 
 _WORKER_SCRIPT = Path(__file__).with_name("_sandbox_worker.py")
 #: Seconds the host waits for a worker's reply beyond the execution's own timeout,
@@ -87,22 +87,22 @@ class SandboxLimits:
 
     def __post_init__(self) -> None:
         if not self.timeout_s > 0:
-            raise ValueError(f"SandboxLimits.timeout_s must be > 0 seconds, got {self.timeout_s}")
+            raise ConfigError(f"SandboxLimits.timeout_s must be > 0 seconds, got {self.timeout_s}")
         for name in ("cpu_s", "max_processes", "max_file_mb", "max_open_files"):
             if getattr(self, name) < 1:
-                raise ValueError(f"SandboxLimits.{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"SandboxLimits.{name} must be >= 1, got {getattr(self, name)}")
         if self.memory_mb < 64:
-            raise ValueError(
+            raise ConfigError(
                 f"SandboxLimits.memory_mb must be >= 64 (a Python interpreter needs ~30 MiB "
                 f"of address space to start), got {self.memory_mb}"
             )
         if self.max_open_files < 8:
-            raise ValueError(
+            raise ConfigError(
                 f"SandboxLimits.max_open_files must be >= 8 (stdio + imports), "
                 f"got {self.max_open_files}"
             )
         if self.max_output_bytes < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"SandboxLimits.max_output_bytes must be >= 1, got {self.max_output_bytes}"
             )
 
@@ -137,17 +137,17 @@ class SandboxConfig:
 
     def __post_init__(self) -> None:
         if self.workers < 1:
-            raise ValueError(f"SandboxConfig.workers must be >= 1, got {self.workers}")
+            raise ConfigError(f"SandboxConfig.workers must be >= 1, got {self.workers}")
         if self.isolation not in ("strongest", "guard"):
-            raise ValueError(
+            raise ConfigError(
                 f"SandboxConfig.isolation must be 'strongest' or 'guard', got {self.isolation!r}"
             )
         if not 1000 <= self.uid_base <= 2**31 - 1024:
-            raise ValueError(
+            raise ConfigError(
                 f"SandboxConfig.uid_base must be an unused uid >= 1000, got {self.uid_base}"
             )
         if self.tmpfs_mb < 1:
-            raise ValueError(f"SandboxConfig.tmpfs_mb must be >= 1, got {self.tmpfs_mb}")
+            raise ConfigError(f"SandboxConfig.tmpfs_mb must be >= 1, got {self.tmpfs_mb}")
 
 
 #: Every worker process is started from this one thread. The worker asks the kernel to

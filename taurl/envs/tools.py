@@ -63,6 +63,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, Union, get_args, get_origin, get_type_hints
 
+from taurl.errors import ConfigError
 from taurl.types import JSONValue
 
 ToolSchema = dict[str, JSONValue]
@@ -177,12 +178,12 @@ class Tool:
         """
         tool_name = name or getattr(fn, "__name__", None)
         if not tool_name or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", tool_name):
-            raise ValueError(
+            raise ConfigError(
                 f"tool name must be an identifier-like string, got {tool_name!r}; "
                 "pass name=... to Tool.from_function"
             )
         if timeout_s is not None and not timeout_s > 0:
-            raise ValueError(f"tool {tool_name!r}: timeout_s must be > 0 or None, got {timeout_s}")
+            raise ConfigError(f"tool {tool_name!r}: timeout_s must be > 0 or None, got {timeout_s}")
         doc_description, doc_params = _parse_docstring(inspect.getdoc(fn))
         hints = get_type_hints(fn)
         properties: dict[str, JSONValue] = {}
@@ -210,7 +211,7 @@ class Tool:
             properties[pname] = prop
         unknown = set(examples or {}) - set(properties)
         if unknown:
-            raise ValueError(
+            raise ConfigError(
                 f"tool {tool_name!r}: examples name unknown parameters {sorted(unknown)}; "
                 f"parameters are {sorted(properties)}"
             )

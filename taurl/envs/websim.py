@@ -30,6 +30,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
+from taurl.errors import ConfigError
+
 _ONSETS = (
     "b",
     "d",
@@ -237,7 +239,7 @@ class SiteServer:
 
     def __init__(self, site: Site, port: int = 0, fail_every: int = 0) -> None:
         if fail_every < 0:
-            raise ValueError(
+            raise ConfigError(
                 f"SiteServer: fail_every must be >= 0 (0 = never fail), got {fail_every}"
             )
         self.site = site

@@ -21,6 +21,7 @@ from taurl.agents.backend import BACKENDS, InferenceBackend, make_backend
 from taurl.agents.loop import Agent
 from taurl.agents.ray_backend import RayConfig
 from taurl.config import config_to_dict
+from taurl.errors import ConfigError
 from taurl.models import resolve_model
 from taurl.rollout.eval import EvalConfig, EvalReport, compare, evaluate
 from taurl.rollout.runner import EnvFactory, RolloutConfig, RolloutResult, run_rollout
@@ -43,7 +44,7 @@ class BackendConfig:
 
     def __post_init__(self) -> None:
         if self.kind not in BACKENDS:
-            raise ValueError(f"BackendConfig.kind must be one of {sorted(BACKENDS)}, got {self.kind!r}")
+            raise ConfigError(f"BackendConfig.kind must be one of {sorted(BACKENDS)}, got {self.kind!r}")
 
 
 @dataclass

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from taurl.agents.loop import Agent, AgentConfig
 from taurl.envs.base import SPLITS
+from taurl.errors import ConfigError
 from taurl.rollout.grouping import group_trajectories
 from taurl.rollout.metrics import EvalMetrics, paired_diff_ci, summarize
 from taurl.rollout.runner import EnvFactory, RolloutConfig, run_rollout
@@ -57,22 +58,22 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         if not self.envs:
-            raise ValueError("EvalConfig.envs is empty; name at least one environment id")
+            raise ConfigError("EvalConfig.envs is empty; name at least one environment id")
         if self.split not in SPLITS:
-            raise ValueError(f"EvalConfig.split must be one of {SPLITS}, got {self.split!r}")
+            raise ConfigError(f"EvalConfig.split must be one of {SPLITS}, got {self.split!r}")
         if self.episodes < 1 or self.samples < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"EvalConfig.episodes and samples must be >= 1, got {self.episodes} and {self.samples}"
             )
         if self.samples > 1 and self.agent.sampling.temperature == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"EvalConfig.samples={self.samples} with greedy sampling (temperature 0) draws "
                 f"{self.samples} identical answers, so pass@k says nothing; set "
                 "agent.sampling.temperature > 0 (e.g. 1.0) or samples=1"
             )
         unknown = sorted(set(self.env_kwargs) - set(self.envs))
         if unknown:
-            raise ValueError(
+            raise ConfigError(
                 f"EvalConfig.env_kwargs has arguments for {unknown}, which are not in envs "
                 f"{self.envs}; key env_kwargs by environment id"
             )

@@ -36,7 +36,7 @@ import gymnasium
 import taurl.envs  # noqa: F401 - registers the built-in environments with Gymnasium
 from taurl.agents.loop import Agent, AgentConfig, derive_seed
 from taurl.envs.base import SPLITS
-from taurl.errors import EnvWorkerLost
+from taurl.errors import ConfigError, EnvWorkerLost
 from taurl.types import TERMINATIONS, JSONValue, Trajectory
 
 #: Times one episode is played again after its environment's process died, before it
@@ -79,13 +79,13 @@ class RolloutConfig:
 
     def __post_init__(self) -> None:
         if self.split not in SPLITS:
-            raise ValueError(f"RolloutConfig.split must be one of {SPLITS}, got {self.split!r}")
+            raise ConfigError(f"RolloutConfig.split must be one of {SPLITS}, got {self.split!r}")
         for name in ("num_tasks", "samples_per_task", "max_in_flight", "env_workers"):
             value = getattr(self, name)
             if value < 1:
-                raise ValueError(f"RolloutConfig.{name} must be >= 1, got {value}")
+                raise ConfigError(f"RolloutConfig.{name} must be >= 1, got {value}")
         if self.task_offset < 0:
-            raise ValueError(f"RolloutConfig.task_offset must be >= 0, got {self.task_offset}")
+            raise ConfigError(f"RolloutConfig.task_offset must be >= 0, got {self.task_offset}")
 
 
 @dataclass
