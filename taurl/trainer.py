@@ -39,14 +39,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from taurl.agents.backend import InferenceBackend, make_backend
+from taurl.agents.backend import BackendConfig, InferenceBackend, make_backend
 from taurl.agents.loop import Agent, AgentConfig
 from taurl.agents.ray_backend import RayConfig
 from taurl.config import config_from_dict, config_to_dict, dump_config
 from taurl.errors import ConfigError, TaurlError
 from taurl.learners import AlgorithmOptions, Learner, LearnerConfig, distributed
 from taurl.models import resolve_model
-from taurl.rollout.commands import BackendConfig
 from taurl.rollout.eval import EvalConfig, evaluate
 from taurl.rollout.runner import EnvFactory, RolloutConfig, run_rollout
 from taurl.types import SamplingParams, Trajectory

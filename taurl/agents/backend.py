@@ -37,11 +37,12 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Coroutine, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Self, TypeVar
 
-from taurl.errors import BackendError
-from taurl.types import Generation, SamplingParams
+from taurl.errors import BackendError, ConfigError
+from taurl.types import Generation, JSONValue, SamplingParams
 
 if TYPE_CHECKING:
     import torch
@@ -104,6 +105,20 @@ BACKENDS: dict[str, str] = {
     "vllm-server": "taurl.agents.server_backend:VLLMServerBackend",
     "hf": "taurl.agents.hf_backend:HFBackend",
 }
+
+
+@dataclass
+class BackendConfig:
+    """Which inference backend samples, and its constructor options."""
+
+    # "vllm" (in-process, default), "vllm-server" (HTTP replicas) or "hf" (transformers)
+    kind: str = "vllm"
+    # constructor arguments of that backend, e.g. {dtype: bfloat16, max_model_len: 2048}
+    options: dict[str, JSONValue] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in BACKENDS:
+            raise ConfigError(f"BackendConfig.kind must be one of {sorted(BACKENDS)}, got {self.kind!r}")
 
 
 def make_backend(kind: str, model: str | Path, **options: object) -> InferenceBackend:

@@ -17,34 +17,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from taurl.agents.backend import BACKENDS, InferenceBackend, make_backend
+from taurl.agents.backend import BackendConfig, InferenceBackend, make_backend
 from taurl.agents.loop import Agent
 from taurl.agents.ray_backend import RayConfig
 from taurl.config import config_to_dict
-from taurl.errors import ConfigError
 from taurl.models import resolve_model
 from taurl.rollout.eval import EvalConfig, EvalReport, compare, evaluate
 from taurl.rollout.runner import EnvFactory, RolloutConfig, RolloutResult, run_rollout
-from taurl.types import JSONValue, write_jsonl
+from taurl.types import write_jsonl
 
 if TYPE_CHECKING:
     from taurl.rollout.ray_envs import RayRollout
 
 OpenBackend = Callable[[str], AbstractContextManager[InferenceBackend]]
-
-
-@dataclass
-class BackendConfig:
-    """Which inference backend samples, and its constructor options."""
-
-    # "vllm" (in-process, default), "vllm-server" (HTTP replicas) or "hf" (transformers)
-    kind: str = "vllm"
-    # constructor arguments of that backend, e.g. {dtype: bfloat16, max_model_len: 2048}
-    options: dict[str, JSONValue] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.kind not in BACKENDS:
-            raise ConfigError(f"BackendConfig.kind must be one of {sorted(BACKENDS)}, got {self.kind!r}")
 
 
 @dataclass
