@@ -10,16 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from taurl.errors import TrajectoryError
-from taurl.learners.batch import (
-    anchor_keys,
-    build_batch,
-    pack_micro_batches,
-    split_minibatches,
-)
 from taurl.learners.config import LoraConfig
 from taurl.learners.model import add_lora, export_state_dict, policy_forward
-from taurl.types import Trajectory
 
 
 @pytest.fixture(scope="module")
@@ -107,45 +99,6 @@ def test_export_merges_lora(tiny_model: Path) -> None:
     plain.tie_weights()
     with torch.no_grad():
         torch.testing.assert_close(plain(input_ids=ids).logits, expect, atol=1e-4, rtol=1e-4)
-
-
-def _traj(ids, mask, turns, rewards, group="g") -> Trajectory:
-    return Trajectory(token_ids=ids, loss_mask=mask, logprobs=[-1.0 * m for m in mask],
-                      turn_ids=turns, rewards=rewards, episode_return=sum(rewards),
-                      termination="terminated", group_id=group)
-
-
-def test_anchor_keys_use_observations_only() -> None:
-    # Two trajectories: same prompt (5, 6), different actions, same observation (9, 9):
-    # turn 1's observation-so-far is identical, so they share turn 1's anchor.
-    a = _traj([5, 6, 1, 2, 9, 9, 3], [0, 0, 1, 1, 0, 0, 1], [-1, -1, 0, 0, 0, 0, 1], [0.0, 1.0])
-    b = _traj([5, 6, 4, 9, 9, 8, 8], [0, 0, 1, 0, 0, 1, 1], [-1, -1, 0, 0, 0, 1, 1], [0.0, 0.0])
-    c = _traj([5, 6, 4, 7, 7, 8], [0, 0, 1, 0, 0, 1], [-1, -1, 0, 0, 0, 1], [0.0, 0.0])
-    assert anchor_keys(a) == [(5, 6), (5, 6, 9, 9)]
-    batch = build_batch([a, b, c], torch.device("cpu"))
-    anchors = batch.anchor_ids_B_H.tolist()
-    assert anchors[0][0] == anchors[1][0] == anchors[2][0]
-    assert anchors[0][1] == anchors[1][1] != anchors[2][1]
-
-
-def test_build_batch_rejects_leading_sampled_token() -> None:
-    bad = _traj([1, 2], [1, 0], [0, 0], [1.0])
-    with pytest.raises(TrajectoryError, match="starts with a sampled token"):
-        build_batch([bad], torch.device("cpu"))
-
-
-def test_pack_micro_batches_respects_budget() -> None:
-    lengths = [10, 3, 7, 10, 2]
-    micro = pack_micro_batches([0, 1, 2, 3, 4], lengths, budget=20)
-    # longest first: (0, 3) = 2 x 10; (2, 1) = 2 x 7 ... (2, 1, 4) = 3 x 7 = 21 > 20
-    assert micro == [[0, 3], [2, 1], [4]]
-    assert all(len(m) * max(lengths[r] for r in m) <= 20 for m in micro)
-    assert pack_micro_batches([0], [50], budget=20) == [[0]]  # one long row: its own batch
-
-
-def test_split_minibatches() -> None:
-    assert split_minibatches([4, 3, 2, 1, 0], 2) == [[4, 3, 2], [1, 0]]
-    assert split_minibatches([1, 0], 5) == [[1], [0]]
 
 
 def test_learners_import_no_envs_agents_or_engines() -> None:
