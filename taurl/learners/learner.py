@@ -46,6 +46,7 @@ from taurl.errors import CheckpointError, ConfigError
 from taurl.learners import advantages as A
 from taurl.learners import distributed as D
 from taurl.learners import losses as L
+from taurl.learners import reward_side as R
 from taurl.learners.batch import (
     TEACHER_LOGPROBS_KEY,
     Batch,
@@ -82,14 +83,37 @@ from taurl.types import Trajectory
 _STATE_FILE = "learner_state.json"
 
 
-@dataclasses.dataclass
-class _Scores:
-    """What the no-gradient scoring pass produced, each float32 [B, T] or None."""
+@dataclasses.dataclass(frozen=True)
+class _Denominators:
+    """A minibatch's global loss normalisers (every micro-batch divides by these)."""
 
-    old_logp: torch.Tensor | None = None
-    values: torch.Tensor | None = None
-    ref_logp: torch.Tensor | None = None
-    teacher_logp: torch.Tensor | None = None
+    num_tokens: int  # sampled tokens
+    num_seqs: int  # rows with a sampled token
+    norm_len: int  # seq-mean-token-sum-norm's constant length
+    num_value: int  # positions where the value loss applies
+
+
+class _MetricSums:
+    """Token-weighted sums of per-micro-batch metrics (``*_max`` keys: running maxima)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
+        self.weights: dict[str, float] = defaultdict(float)
+
+    def add(self, metrics: dict[str, torch.Tensor], n: float, real: bool) -> None:
+        for k, v in metrics.items():  # a placeholder adds its keys (every rank reduces the same)
+            if k.endswith("_max"):
+                if real:
+                    self.sums[k] = torch.maximum(self.sums[k], v.detach().float())
+            else:
+                self.sums[k] += v.detach().float() * n
+                self.weights[k] += n
+
+    def means(self) -> dict[str, float]:
+        """Reduced over ranks: maxima as they are, the rest as weighted means."""
+        sums, weights = D.reduce_metric_sums(self.sums, self.weights)
+        return {k: v.item() if k.endswith("_max") else v.item() / max(weights[k], 1e-12)
+                for k, v in sums.items()}
 
 
 class TrainedModules(nn.Module):
@@ -209,35 +233,26 @@ class Learner:
         start = time.perf_counter()
         o = self.options
         trajs = list(trajectories)
-        metrics = self._reward_metrics(trajs)
+        metrics, zero_var = self._reward_metrics(trajs)
         if o.filter_zero_var_groups and trajs:
-            returns = torch.tensor([t.episode_return for t in trajs], dtype=torch.float64)
-            groups = torch.tensor(group_ids(trajs))
-            keep = ~A.zero_variance_groups(returns, groups)
-            trajs = [t for t, k in zip(trajs, keep.tolist(), strict=True) if k]
+            trajs = [t for t, drop in zip(trajs, zero_var.tolist(), strict=True) if not drop]
             metrics["reward/filtered_frac"] = 1.0 - len(trajs) / max(len(trajectories), 1)
         if not trajs:
             metrics["perf/optimizer_steps"] = 0.0
             return metrics
         batch = build_batch(trajs, self.device)
         steps = o.epochs * min(o.minibatches, batch.size)
-        scores = self._score(batch, trajs, need_old=steps > 1 or o.teacher != "none" or (
-            o.kl_coef > 0 and o.kl_in == "reward"))
-        adv, returns, value_mask, reward_side = self._advantages(batch, scores)
+        targets, reward_side = self._targets(batch, trajs, need_old=steps > 1)
         metrics.update(reward_side)
 
-        sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
-        weights: dict[str, float] = defaultdict(float)
+        acc = _MetricSums(self.device)
         lengths = batch.lengths_B.tolist()
         grad_norms = []
         for _ in range(o.epochs):
             order = torch.randperm(batch.size, generator=self._shuffle).tolist()
             for rows in split_minibatches(order, o.minibatches):
-                grad_norms.append(self._step(batch, rows, lengths, adv, returns, value_mask,
-                                             scores, sums, weights))
-        sums, weights = D.reduce_metric_sums(sums, weights)
-        for k, v in sums.items():
-            metrics[k] = (v.item() if k.endswith("_max") else v.item() / max(weights[k], 1e-12))
+                grad_norms.append(self._step(batch, rows, lengths, targets, acc))
+        metrics.update(acc.means())
         # every rank clips the same (reduced) gradient: its norm is already the batch's
         metrics["traj/grad_norm"] = torch.stack(grad_norms).mean().item()
         elapsed = time.perf_counter() - start
@@ -249,6 +264,21 @@ class Learner:
             "perf/optimizer_steps": float(steps),
         })
         return metrics
+
+    def backward(self, trajectories: list[Trajectory]) -> dict[str, float]:
+        """Accumulate the gradient of one minibatch made of every trajectory, no optimizer step.
+
+        The gradient :meth:`update` would step with (first epoch, one minibatch), left in
+        the parameters' ``.grad``: for gradient checks and tests. Returns the metrics.
+        """
+        batch = build_batch(list(trajectories), self.device)
+        targets, _ = self._targets(batch, list(trajectories), need_old=False)
+        self._modules.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        acc = _MetricSums(self.device)
+        self._backward_minibatch(batch, list(range(batch.size)), batch.lengths_B.tolist(),
+                                 targets, acc)
+        return acc.means()
 
     def state_dict_for_sync(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """The policy's weights under Hugging Face names (LoRA merged), for the inference engine.
@@ -325,64 +355,38 @@ class Learner:
     # -- reward side --------------------------------------------------------------------
 
     @staticmethod
-    def _reward_metrics(trajs: list[Trajectory]) -> dict[str, float]:
+    def _reward_metrics(trajs: list[Trajectory]) -> tuple[dict[str, float], torch.Tensor]:
+        """``reward/...`` metrics of the whole batch, and which rows sit in zero-variance groups."""
         if not trajs:
-            return {"reward/mean": 0.0, "reward/std": 0.0, "reward/zero_var_groups": 0.0}
+            zero = {"reward/mean": 0.0, "reward/std": 0.0, "reward/zero_var_groups": 0.0}
+            return zero, torch.zeros(0, dtype=torch.bool)
         returns = torch.tensor([t.episode_return for t in trajs], dtype=torch.float64)
         groups = torch.tensor(group_ids(trajs))
         zero_var = A.zero_variance_groups(returns, groups)
-        sizes = torch.bincount(groups)
-        multi = (sizes > 1).sum().item()
+        multi = (torch.bincount(groups) > 1).sum().item()
         zero_var_groups = len(set(groups[zero_var].tolist()))
         return {
             "reward/mean": returns.mean().item(),
             "reward/std": returns.std().item() if len(trajs) > 1 else 0.0,
             "reward/zero_var_groups": zero_var_groups / multi if multi else 0.0,
-        }
+        }, zero_var
 
-    def _advantages(
-        self, batch: Batch, scores: _Scores
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, dict[str, float]]:
-        """``(advantages_B_T, returns_B_T | None, value_mask_B_T | None, metrics)``."""
+    def _targets(self, batch: Batch, trajs: list[Trajectory],
+                 need_old: bool) -> tuple[R.Targets, dict[str, float]]:
+        """Score the batch if anything needs it, then run the reward side (:mod:`reward_side`)."""
         o = self.options
-        mask, turns = batch.mask_B_T, batch.turn_ids_B_T
-        H = batch.turn_rewards_B_H.shape[1]
-        turn_rewards = batch.turn_rewards_B_H
-        token_rewards = A.broadcast_turns(turn_rewards, turns, A.turn_end_mask(turns, mask))
-        metrics: dict[str, float] = {}
-        if o.kl_coef > 0 and o.kl_in == "reward":
-            kl = L.kl_penalty(scores.old_logp, scores.ref_logp, mask, o.kl_estimator)
-            token_rewards = token_rewards - o.kl_coef * kl
-            turn_rewards = turn_rewards - o.kl_coef * A.turn_sums(kl, turns, mask, H)
-            metrics["reward/kl_ref"] = L.masked_mean(kl, mask).item()
-        inputs = A.AdvantageInputs(
-            mask_B_T=mask, turn_ids_B_T=turns, token_rewards_B_T=token_rewards,
-            turn_rewards_B_H=turn_rewards, turn_valid_B_H=batch.turn_valid_B_H,
-            group_ids_B=batch.group_ids_B, values_B_T=scores.values,
-        )
-        out = self.estimator(inputs, self.adv_params)
-        adv = out.advantages_B_T
-        if o.step_group_weight > 0:
-            step_returns = A.turn_returns(turn_rewards, batch.turn_valid_B_H, o.gamma_turn)
-            step_adv = A.step_group_advantages(step_returns, batch.anchor_ids_B_H, o.group_scale)
-            adv = adv + o.step_group_weight * A.broadcast_turns(step_adv, turns, mask)
-        if o.teacher != "none":
-            opd_adv = A.opd(scores.old_logp, scores.teacher_logp, mask, o.teacher_coef,
-                            o.teacher_clip)
-            adv = A.grpo_opd(adv, opd_adv, o.advantage_coef)
-            metrics["reward/teacher_gap"] = L.masked_mean(
-                scores.teacher_logp - scores.old_logp, mask).item()
-        metrics.update(A.advantage_metrics(adv, mask, turns))
-        return adv, out.returns_B_T, out.value_mask_B_T, metrics
+        need_old = need_old or o.teacher != "none" or (o.kl_coef > 0 and o.kl_in == "reward")
+        scores = self._score(batch, trajs, need_old=need_old)
+        return R.compute(batch, scores, o, self.estimator, self.adv_params)
 
     # -- scoring (no gradient) ----------------------------------------------------------
 
     @torch.no_grad()
-    def _score(self, batch: Batch, trajs: list[Trajectory], need_old: bool) -> _Scores:
+    def _score(self, batch: Batch, trajs: list[Trajectory], need_old: bool) -> R.Scores:
         o, cfg = self.options, self.config
         need_ref = o.kl_coef > 0
         B, T = batch.input_ids_B_T.shape
-        s = _Scores()
+        s = R.Scores()
         if not (need_old or need_ref or o.critic != "none" or o.teacher != "none"):
             return s
         def zeros() -> torch.Tensor:
@@ -454,34 +458,30 @@ class Learner:
 
     # -- trajectory side: one optimizer step --------------------------------------------
 
-    def _step(self, batch: Batch, rows: list[int], lengths: list[int], adv: torch.Tensor,
-              returns: torch.Tensor | None, value_mask: torch.Tensor | None, scores: _Scores,
-              sums: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
+    def _step(self, batch: Batch, rows: list[int], lengths: list[int], targets: R.Targets,
+              acc: _MetricSums) -> torch.Tensor:
         """Accumulate the minibatch ``rows`` over micro-batches, clip, and take one AdamW step.
 
         Returns the gradient norm before clipping (float32 scalar).
         """
-        cfg = self.config
         self._modules.train()
         self.optimizer.zero_grad(set_to_none=True)
-        self._backward_minibatch(batch, rows, lengths, adv, returns, value_mask, scores, sums,
-                                 weights)
+        self._backward_minibatch(batch, rows, lengths, targets, acc)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        grad_norm = nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+        grad_norm = nn.utils.clip_grad_norm_(params, self.config.max_grad_norm or float("inf"))
         self.optimizer.step()
         self.policy_version += 1
         return D.plain(grad_norm).detach().float()
 
     def _backward_minibatch(self, batch: Batch, rows: list[int], lengths: list[int],
-                            adv: torch.Tensor, returns: torch.Tensor | None,
-                            value_mask: torch.Tensor | None, scores: _Scores,
-                            sums: dict[str, torch.Tensor], weights: dict[str, float]) -> None:
+                            targets: R.Targets, acc: _MetricSums) -> None:
         """Backward the minibatch's loss, micro-batch by micro-batch, normalised globally."""
         o, cfg = self.options, self.config
         num_tokens, num_seqs, norm_len = global_denominators(batch, rows, o.loss_norm_len)
         num_value = 0
-        if value_mask is not None:
-            num_value = int(value_mask[batch.rows(rows)].sum().item())
+        if targets.value_mask_B_T is not None:
+            num_value = int(targets.value_mask_B_T[batch.rows(rows)].sum().item())
+        denom = _Denominators(num_tokens, num_seqs, norm_len, num_value)
         micros = self._micro_batches(rows, lengths, lockstep=True)
         for i, (micro, real) in enumerate(micros):
             idx, W = batch.rows(micro), batch.width(micro)
@@ -490,34 +490,30 @@ class Learner:
                 with autocast(self.device, self.amp_dtype):
                     logp, entropy, values = self._train_forward(
                         ids, mask, cfg.logprob_chunk_tokens, o.entropy_coef > 0)
-                loss, m = self._micro_loss(batch, idx, W, logp, entropy, values, adv, returns,
-                                           value_mask, scores, num_tokens, num_seqs, norm_len,
-                                           num_value)
+                loss, m = self._micro_loss(batch, idx, W, (logp, entropy, values), targets, denom)
                 # DDP and FSDP2 average over ranks: × N makes it the sum of the shards'
                 # gradients. A placeholder (× 0) only keeps the ranks' collectives in step.
                 scale = float(self.world_size) if real else 0.0
                 (loss * scale if scale != 1.0 else loss).backward()
             m["traj/entropy"] = L.masked_mean(entropy.detach(), mask)
-            n = float(mask.sum().item()) if real else 0.0
-            for k, v in m.items():  # a placeholder adds its keys (every rank reduces the same)
-                if k.endswith("_max"):
-                    sums[k] = torch.maximum(sums[k], v.detach().float()) if real else sums[k]
-                else:
-                    sums[k] += v.detach().float() * n
-                    weights[k] += n
+            acc.add(m, float(mask.sum().item()) if real else 0.0, real)
 
     def _micro_loss(
-        self, batch: Batch, idx: torch.Tensor, W: int, logp: torch.Tensor,
-        entropy: torch.Tensor, values: torch.Tensor | None, adv: torch.Tensor,
-        returns: torch.Tensor | None, value_mask: torch.Tensor | None, scores: _Scores,
-        num_tokens: int, num_seqs: int, norm_len: int, num_value: int,
+        self, batch: Batch, idx: torch.Tensor, W: int,
+        forward: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None], targets: R.Targets,
+        denom: _Denominators,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """One micro-batch's share of the minibatch loss (global denominators) and its metrics."""
-        o = self.options
+        """One micro-batch's share of the minibatch loss (global denominators) and its metrics.
+
+        ``forward``: the training forward's ``(logp, entropy, values)`` on rows ``idx``.
+        """
+        o, scores = self.options, targets.scores
+        logp, entropy, values = forward
         mask = batch.mask_B_T[idx, :W]
         old = scores.old_logp[idx, :W] if scores.old_logp is not None else logp.detach()
         w, m = L.tis_weights(old, batch.sampler_logp_B_T[idx, :W], mask, o.tis_cap)
-        pg, pg_m = self.policy_loss(logp, old, adv[idx, :W], mask, self.loss_params)
+        pg, pg_m = self.policy_loss(logp, old, targets.advantages_B_T[idx, :W], mask,
+                                    self.loss_params)
         m.update(pg_m)
         per_token = pg * w
         if o.kl_coef > 0 and o.kl_in == "loss":
@@ -526,13 +522,15 @@ class Learner:
             m["traj/kl_ref"] = L.masked_mean(kl.detach(), mask)
         if o.entropy_coef > 0:
             per_token = per_token - o.entropy_coef * entropy
-        loss = L.aggregate(per_token, mask, o.loss_agg, num_tokens, num_seqs, norm_len)
-        m["traj/policy_loss"] = loss.detach() * num_tokens / max(mask.sum().item(), 1)
+        loss = L.aggregate(per_token, mask, o.loss_agg, denom.num_tokens, denom.num_seqs,
+                           denom.norm_len)
+        m["traj/policy_loss"] = loss.detach() * denom.num_tokens / max(mask.sum().item(), 1)
+        returns, value_mask = targets.returns_B_T, targets.value_mask_B_T
         if values is not None and returns is not None and value_mask is not None:
             vmask = value_mask[idx, :W]
             vl, vm = L.value_loss(values, scores.values[idx, :W], returns[idx, :W], vmask,
                                   o.value_clip)
-            loss = loss + o.vf_coef * L.aggregate(vl, vmask, "token-mean", num_value, 1, 1)
+            loss = loss + o.vf_coef * L.aggregate(vl, vmask, "token-mean", denom.num_value, 1, 1)
             m.update(vm)
         return loss, m
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -200,3 +201,14 @@ def test_advantage_metrics_turn_spread() -> None:
     m = A.advantage_metrics(adv, mask, turns)
     assert m["reward/turn_credit_spread"] == pytest.approx(math.sqrt(0.5))
     assert m["adv/abs_max"] == 2.0
+
+
+def test_reward_side_terms_follow_the_options() -> None:
+    from taurl.learners import PRESETS
+    from taurl.learners.reward_side import active_terms
+
+    assert active_terms(PRESETS["grpo"].options) == []
+    assert active_terms(PRESETS["ppo"].options) == ["kl_in_reward"]
+    assert active_terms(PRESETS["grpo_opd"].options) == ["teacher"]
+    gigpo = dataclasses.replace(PRESETS["grpo"].options, step_group_weight=1.0)
+    assert active_terms(gigpo) == ["step_groups"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -57,13 +56,7 @@ def test_every_preset_updates_the_policy(tiny_model: Path, trajs, algorithm: str
 
 def gradients(learner: Learner, trajectories) -> dict[str, torch.Tensor]:
     """The gradient of one minibatch made of every trajectory, without the optimizer step."""
-    batch = build_batch(trajectories, learner.device)
-    scores = learner._score(batch, trajectories, need_old=False)
-    adv, ret, vmask, _ = learner._advantages(batch, scores)
-    learner.optimizer.zero_grad(set_to_none=True)
-    learner._backward_minibatch(batch, list(range(batch.size)), batch.lengths_B.tolist(), adv,
-                                ret, vmask, scores, defaultdict(lambda: torch.zeros(())),
-                                defaultdict(float))
+    learner.backward(trajectories)
     return {n: p.grad.clone() for n, p in learner.model.named_parameters() if p.grad is not None}
 
 
@@ -187,7 +180,9 @@ def test_precomputed_teacher_reads_info(tiny_model: Path, trajs) -> None:
     assert metrics["adv/mean"] == pytest.approx(1.0, abs=1e-3)  # α = 0: pure OPD
 
 
-def test_teacher_coef_zero_scores_the_teacher_but_trains_as_grpo(tiny_model: Path, trajs) -> None:
+def test_teacher_coef_zero_scores_the_teacher_but_trains_as_grpo(
+    tiny_model: Path, trajs
+) -> None:
     """λ = 0 is GRPO's control arm: reward/teacher_gap is measured, the advantages are GRPO's."""
     grpo = Learner(LearnerConfig(algorithm="grpo", lr=1e-3, device="cpu",
                                  options=AlgorithmOptions(kl_coef=0.0)), tiny_model)
