@@ -18,6 +18,10 @@ When the algorithm takes a single step per batch and nothing else needs it, step
 (1) is skipped: the ratio's denominator is the training forward's own log-prob,
 detached, which is the same number (θ_old = θ before the only step).
 
+One home each: the modules are built in :mod:`~taurl.learners.build`, the reward side
+is composed in :mod:`~taurl.learners.reward_side`, checkpoints are written and read by
+:mod:`~taurl.learners.checkpoint`; this module holds the update loop and scoring.
+
 Under ``torchrun`` with N processes (:mod:`taurl.learners.distributed`) every rank
 gets the same whole batch: advantages and the loss normalisers are the whole
 batch's, as alone, but each rank scores and back-propagates only its shard of the
@@ -31,19 +35,16 @@ the ranks, so every rank returns the whole batch's.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
-import json
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
-from taurl.errors import CheckpointError, ConfigError
 from taurl.learners import advantages as A
+from taurl.learners import build, checkpoint
 from taurl.learners import distributed as D
 from taurl.learners import losses as L
 from taurl.learners import reward_side as R
@@ -59,28 +60,20 @@ from taurl.learners.batch import (
 )
 from taurl.learners.config import LearnerConfig
 from taurl.learners.model import (
-    ValueModel,
     adapter_disabled,
-    add_lora,
     autocast,
     export_state_dict,
-    load_causal_lm,
-    new_value_head,
     pick_autocast_dtype,
     pick_device,
     policy_forward,
 )
 from taurl.learners.teacher import (
     align_to_student,
-    check_same_tokenizer,
-    load_tokenizer,
     privileged_contexts,
     privileged_prefix,
     teacher_rows,
 )
 from taurl.types import Trajectory
-
-_STATE_FILE = "learner_state.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,32 +109,6 @@ class _MetricSums:
                 for k, v in sums.items()}
 
 
-class TrainedModules(nn.Module):
-    """The modules the optimizer trains, as one module: what DDP wraps and FSDP2 shards.
-
-    Its ``forward`` is the whole training forward, so that DDP's and FSDP2's hooks see
-    every trained parameter used (calling submodules directly would bypass them). The
-    submodules are named ``policy``, ``value_head`` and ``critic``: checkpoint keys.
-    """
-
-    def __init__(self, policy: nn.Module, value_head: nn.Module | None,
-                 critic: ValueModel | None) -> None:
-        super().__init__()
-        self.policy = policy
-        self.value_head = value_head
-        self.critic = critic
-
-    def forward(
-        self, input_ids_B_T: torch.Tensor, mask_B_T: torch.Tensor, chunk_tokens: int,
-        entropy_grad: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """``(logp_B_T, entropy_B_T, values_B_T | None)``, float32, as :func:`policy_forward`."""
-        out = policy_forward(self.policy, input_ids_B_T, mask_B_T, chunk_tokens,
-                             self.value_head, entropy_grad=entropy_grad)
-        values = self.critic(input_ids_B_T) if self.critic is not None else out.values_B_T
-        return out.logp_B_T, out.entropy_B_T, values
-
-
 class Learner:
     """Updates a causal LM policy from Trajectories with one algorithm preset.
 
@@ -170,35 +137,11 @@ class Learner:
         )
         self.loss_params = L.PolicyLossParams(o.eps_low, o.eps_high, o.dual_clip)
 
-        self.model = load_causal_lm(self.model_path, self.device)
-        hidden_size = self.model.config.hidden_size
-        needs_base = o.kl_coef > 0 or o.teacher == "privileged"
-        # With LoRA the reference is the same model with its adapters off: no copy.
-        self.ref_model: nn.Module | None = None
-        if needs_base and not config.lora.rank:
-            self.ref_model = copy.deepcopy(self.model).requires_grad_(False).eval()
-        if config.lora.rank:
-            self.model = add_lora(self.model, config.lora)
-        if config.gradient_checkpointing:
-            base = self.model.get_base_model() if config.lora.rank else self.model
-            base.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
-        self.value_head = new_value_head(hidden_size, self.device) if o.critic == "head" else None
-        self.critic: ValueModel | None = None
-        if o.critic == "model":
-            self.critic = ValueModel(o.critic_path or self.model_path, self.device)
-        self.teacher_model: nn.Module | None = None
-        self.tokenizer = None
-        if o.teacher == "model":
-            check_same_tokenizer(load_tokenizer(self.model_path), load_tokenizer(o.teacher_path),
-                                 self.model_path, o.teacher_path)
-            self.teacher_model = load_causal_lm(o.teacher_path, self.device)
-            self.teacher_model.requires_grad_(False).eval()
-        if o.teacher == "privileged":
-            self.tokenizer = load_tokenizer(self.model_path)
-
-        self._modules = TrainedModules(self.model, self.value_head, self.critic)
+        built = build.modules(config, o, self.model_path, self.device)
+        self.model, self.ref_model = built.policy, built.ref_model
+        self.value_head, self.critic = built.value_head, built.critic
+        self.teacher_model, self.tokenizer = built.teacher_model, built.tokenizer
+        self._modules = build.TrainedModules(self.model, self.value_head, self.critic)
         # The module the training forward runs through: DDP's wrapper, or the modules
         # themselves (alone, or sharded in place by FSDP2). Scoring never needs DDP.
         self._train_forward: nn.Module = self._modules
@@ -209,7 +152,7 @@ class Learner:
             self._train_forward = DistributedDataParallel(self._modules, device_ids=gpu,
                                                           forward_sync_buffers=False)
         elif self.parallel == "fsdp2":
-            self._fully_shard()
+            build.fully_shard(self.model, self._modules, self.device, self.world_size)
         critic_params = [p for m in (self.value_head, self.critic) if m is not None
                          for p in m.parameters()]
         groups = [{"params": [p for p in self.model.parameters() if p.requires_grad],
@@ -307,50 +250,11 @@ class Learner:
         in the same format as a single process (a checkpoint resumes with any number
         of processes), and every rank returns once the files are complete.
         """
-        gathered = self._gather_fsdp_state() if self.parallel == "fsdp2" else None
-        if D.is_main():
-            self._write(Path(directory), gathered)
-        D.barrier()
-
-    def _write(self, d: Path,
-               gathered: tuple[dict[str, torch.Tensor], dict[str, object]] | None) -> None:
-        """Write :meth:`save`'s files; ``gathered``: FSDP2's full weights and optimizer."""
-        d.mkdir(parents=True, exist_ok=True)
-        if gathered is None:
-            save_model(self._modules, str(d / "model.safetensors"))
-            torch.save(self.optimizer.state_dict(), d / "optimizer.pt")
-        else:
-            save_file(gathered[0], str(d / "model.safetensors"), metadata={"format": "pt"})
-            torch.save(gathered[1], d / "optimizer.pt")
-        rng = {"torch": torch.get_rng_state(), "shuffle": self._shuffle.get_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(rng, d / "rng.pt")
-        state = {"policy_version": self.policy_version, "algorithm": self.config.algorithm,
-                 "options": dataclasses.asdict(self.options)}
-        (d / _STATE_FILE).write_text(json.dumps(state, indent=1))
+        checkpoint.save(self, Path(directory))
 
     def load(self, directory: str | Path) -> None:
         """Restore a checkpoint written by :meth:`save` with the same config."""
-        d = Path(directory)
-        if not (d / _STATE_FILE).is_file():
-            raise CheckpointError(
-                f"{d} holds no {_STATE_FILE}; is it a Learner.save() folder (a run's "
-                "checkpoints/iter-NNNNNN/learner)?"
-            )
-        state = json.loads((d / _STATE_FILE).read_text())
-        optimizer = torch.load(d / "optimizer.pt", map_location=self.device, weights_only=True)
-        if self.parallel == "fsdp2":
-            self._load_fsdp_state(load_file(d / "model.safetensors"), optimizer)
-        else:
-            load_model(self._modules, str(d / "model.safetensors"), device=str(self.device))
-            self.optimizer.load_state_dict(optimizer)
-        rng = torch.load(d / "rng.pt", weights_only=True)
-        torch.set_rng_state(rng["torch"])
-        self._shuffle.set_state(rng["shuffle"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        self.policy_version = int(state["policy_version"])
+        checkpoint.load(self, Path(directory))
 
     # -- reward side --------------------------------------------------------------------
 
@@ -574,86 +478,3 @@ class Learner:
         if self.parallel == "fsdp2":
             self._modules.set_requires_gradient_sync(last)
         return contextlib.nullcontext()
-
-    def _fully_shard(self) -> None:
-        """FSDP2: shard each transformer block (policy and critic), then the rest as the root."""
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
-        blocks = set(getattr(self.model, "_no_split_modules", None) or ())
-        if not blocks:
-            raise ConfigError(
-                f"learner.parallel=fsdp2 shards a model block by block, but "
-                f"{type(self.model).__name__} names no blocks (_no_split_modules); use "
-                "parallel=ddp for this model"
-            )
-        mesh = init_device_mesh(self.device.type, (self.world_size,))
-        for module in list(self._modules.modules()):
-            if type(module).__name__ in blocks:
-                fully_shard(module, mesh=mesh)
-        fully_shard(self._modules, mesh=mesh)
-
-    def _param_names(self) -> list[str]:
-        """The optimizer's parameters' names in ``self._modules``, in the optimizer's order."""
-        names = {id(p): n for n, p in self._modules.named_parameters()}
-        return [names[id(p)] for g in self.optimizer.param_groups for p in g["params"]]
-
-    def _gather_fsdp_state(self) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
-        """FSDP2, every rank: full weights and optimizer state as a single process saves them.
-
-        Weights: tied tensors once, under the name ``safetensors.save_model`` keeps.
-        Optimizer: ``torch.optim`` state-dict format (parameters numbered). Both empty
-        off rank 0.
-        """
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_optimizer_state_dict,
-        )
-
-        full = D.full_state_dict(self._modules)
-        by_name = get_optimizer_state_dict(
-            self._modules, self.optimizer,
-            options=StateDictOptions(full_state_dict=True, cpu_offload=True),
-        )
-        if not D.is_main():
-            return {}, {}
-        tied: dict[int, list[str]] = defaultdict(list)
-        for k, v in full.items():
-            tied[id(v)].append(k)
-        weights = {min(ks): full[ks[0]].contiguous() for ks in tied.values()}
-        index = {n: i for i, n in enumerate(self._param_names())}
-        optimizer = {
-            "state": {index[n]: st for n, st in by_name["state"].items()},
-            "param_groups": [{**g, "params": [index[n] for n in g["params"]]}
-                             for g in by_name["param_groups"]],
-        }
-        return weights, optimizer
-
-    def _load_fsdp_state(self, weights: dict[str, torch.Tensor],
-                         optimizer: dict[str, object]) -> None:
-        """FSDP2, every rank: load full weights and optimizer state into this rank's shards."""
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_model_state_dict,
-            set_optimizer_state_dict,
-        )
-
-        tied: dict[int, list[str]] = defaultdict(list)
-        for k, v in self._modules.state_dict(keep_vars=True).items():
-            tied[id(v)].append(k)
-        full = {}
-        for ks in tied.values():
-            saved = [k for k in ks if k in weights]
-            if not saved:
-                raise ConfigError(f"the checkpoint has no weights for {ks[0]}; was it saved by a "
-                                  "learner with the same algorithm and model?")
-            full.update(dict.fromkeys(ks, weights[saved[0]]))
-        options = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(self._modules, full, options=options)
-        names = self._param_names()
-        by_name = {
-            "state": {names[i]: st for i, st in optimizer["state"].items()},
-            "param_groups": [{**g, "params": [names[i] for i in g["params"]]}
-                             for g in optimizer["param_groups"]],
-        }
-        set_optimizer_state_dict(self._modules, self.optimizer, by_name, options=options)
