@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import collections
 import concurrent.futures
 import difflib
 import importlib
@@ -36,7 +37,7 @@ import json
 import shutil
 import tempfile
 import threading
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Self, TypeVar
@@ -52,6 +53,52 @@ T = TypeVar("T")
 
 class ContextLengthError(BackendError):
     """A prompt leaves no room for even one new token within the backend's ``max_model_len``."""
+
+
+class SessionRouter:
+    """Which replica serves a request: sticky sessions, else the least busy replica.
+
+    An episode (``session_id``) stays on the replica that served it, whose prefix cache
+    holds its conversation, while that replica is healthy; a new or displaced episode goes
+    to the candidate with the fewest requests in flight. At most ``max_sessions`` are
+    remembered (least recently used forgotten first). Used by the backends with several
+    replicas (``vllm-server`` and Ray engine actors).
+    """
+
+    def __init__(self, max_sessions: int = 100_000) -> None:
+        self._sessions: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self.max_sessions = max_sessions
+        self.rerouted = 0  # requests moved off their session's replica because it was down
+
+    def __contains__(self, session_id: str) -> bool:
+        return session_id in self._sessions
+
+    def get(self, session_id: str) -> int | None:
+        """The replica a session is kept on (None before its first request)."""
+        return self._sessions.get(session_id)
+
+    def sticky(self, session_id: str | None, healthy: Callable[[int], bool]) -> int | None:
+        """The session's own replica while it is healthy; None when the request must be
+        routed (a new session, or its replica is down: counted in :attr:`rerouted`)."""
+        if session_id is None or session_id not in self._sessions:
+            return None
+        i = self._sessions[session_id]
+        self._sessions.move_to_end(session_id)
+        if healthy(i):
+            return i
+        self.rerouted += 1
+        return None
+
+    def assign(self, session_id: str | None, candidates: Sequence[int],
+               in_flight: Callable[[int], int]) -> int:
+        """Route to the candidate with the fewest requests in flight and remember it."""
+        i = min(candidates, key=in_flight)
+        if session_id is not None:
+            self._sessions[session_id] = i
+            self._sessions.move_to_end(session_id)
+            while len(self._sessions) > self.max_sessions:
+                self._sessions.popitem(last=False)
+        return i
 
 
 class InferenceBackend(abc.ABC):

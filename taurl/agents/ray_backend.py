@@ -35,7 +35,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeAlias
 
-from taurl.agents.backend import BackgroundLoop, InferenceBackend, check_prompt, make_backend
+from taurl.agents.backend import (
+    BackgroundLoop,
+    InferenceBackend,
+    SessionRouter,
+    check_prompt,
+    make_backend,
+)
 from taurl.errors import BackendError, ConfigError
 from taurl.models import resolve_model
 from taurl.types import Generation, JSONValue, SamplingParams
@@ -246,7 +252,7 @@ class RayBackend(InferenceBackend):
         self._actor_cls = ray.remote(EngineActor).options(**self._actor_options)  # type: ignore[arg-type]
         # the latest weights, for replacements: (object-store ref of the state dict, version)
         self._weights: tuple[object | None, int] = (None, 0)
-        self._sessions: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self._router = SessionRouter(MAX_SESSIONS)
         self._engines: list[_Engine] = []
         self._replacing: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -283,7 +289,7 @@ class RayBackend(InferenceBackend):
 
     def session_engine(self, session_id: str) -> int | None:
         """The engine slot an episode is kept on (None before its first request)."""
-        return self._sessions.get(session_id)
+        return self._router.get(session_id)
 
     @property
     def restarts(self) -> int:
@@ -380,12 +386,10 @@ class RayBackend(InferenceBackend):
     async def _pick(self, session_id: str | None) -> int:
         """Engine slot for a request: the session's own one while it is healthy, else the
         healthy engine with the fewest requests in flight (waiting while none is)."""
-        if session_id is not None and session_id in self._sessions:
-            i = self._sessions[session_id]
-            self._sessions.move_to_end(session_id)
-            if self._engines[i].healthy:
-                return i
-            self.stats["rerouted"] += 1
+        i = self._router.sticky(session_id, lambda j: self._engines[j].healthy)
+        self.stats["rerouted"] = self._router.rerouted
+        if i is not None:
+            return i
         async with self._changed:
             await self._changed.wait_for(
                 lambda: (
@@ -397,13 +401,7 @@ class RayBackend(InferenceBackend):
             raise BackendError(
                 "every Ray engine actor is gone: " + "; ".join(e.failed for e in self._engines)
             )
-        i = min(healthy, key=lambda j: self._engines[j].in_flight)
-        if session_id is not None:
-            self._sessions[session_id] = i
-            self._sessions.move_to_end(session_id)
-            while len(self._sessions) > MAX_SESSIONS:
-                self._sessions.popitem(last=False)
-        return i
+        return self._router.assign(session_id, healthy, lambda j: self._engines[j].in_flight)
 
     # -- generation ----------------------------------------------------------------
 

@@ -43,6 +43,7 @@ import tenacity
 from taurl.agents.backend import (
     BackgroundLoop,
     InferenceBackend,
+    SessionRouter,
     check_prompt,
     remove_weights_dir,
     write_weights_dir,
@@ -187,7 +188,7 @@ class VLLMServerBackend(InferenceBackend):
         else:
             self._log_dir = None
             self.replicas = [Replica(url=u.rstrip("/")) for u in urls or ()]
-        self._sessions: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self._router = SessionRouter(MAX_SESSIONS)
         self._closed = False
         self._loop = BackgroundLoop(name="taurl-vllm-server")
         try:
@@ -278,22 +279,14 @@ class VLLMServerBackend(InferenceBackend):
     def _pick(self, session_id: str | None) -> int:
         """Replica index for a request: the session's own one while it is healthy,
         else the healthy replica with the fewest requests in flight."""
-        if session_id is not None and session_id in self._sessions:
-            i = self._sessions[session_id]
-            self._sessions.move_to_end(session_id)
-            if self.replicas[i].healthy:
-                return i
-            self.stats["rerouted"] += 1
+        i = self._router.sticky(session_id, lambda j: self.replicas[j].healthy)
+        self.stats["rerouted"] = self._router.rerouted
+        if i is not None:
+            return i
         candidates = [i for i, r in enumerate(self.replicas) if r.healthy] or list(
             range(len(self.replicas))
         )
-        i = min(candidates, key=lambda j: self.replicas[j].in_flight)
-        if session_id is not None:
-            self._sessions[session_id] = i
-            self._sessions.move_to_end(session_id)
-            while len(self._sessions) > MAX_SESSIONS:
-                self._sessions.popitem(last=False)
-        return i
+        return self._router.assign(session_id, candidates, lambda j: self.replicas[j].in_flight)
 
     # -- generation ----------------------------------------------------------------
 

@@ -278,3 +278,22 @@ def test_hf_dtype_auto_follows_the_cpu_and_a_wrong_name_says_the_choices(tiny_mo
         backend.close_sync()
     with pytest.raises(BackendError, match="HFBackend dtype must be one of auto, float32.*got 'fp8'"):
         HFBackend(tiny_model_path, dtype="fp8", max_batch_size=1)
+
+
+def test_session_router_is_sticky_while_healthy_and_spreads_new_sessions() -> None:
+    from taurl.agents.backend import SessionRouter
+
+    router = SessionRouter(max_sessions=3)
+    load = {0: 5, 1: 1, 2: 3}
+    up = {0: True, 1: True, 2: True}
+    assert router.sticky("a", up.get) is None  # a new session is routed
+    assert router.assign("a", [0, 1, 2], load.get) == 1  # to the least busy replica
+    load[1] = 9
+    assert router.sticky("a", up.get) == 1  # then kept there, busy or not
+    up[1] = False
+    assert router.sticky("a", up.get) is None and router.rerouted == 1  # its replica is down
+    assert router.assign("a", [0, 2], load.get) == 2 and router.get("a") == 2
+    for s in ("b", "c", "d"):  # the least recently used session is forgotten past 3
+        router.assign(s, [0], load.get)
+    assert "a" not in router and router.get("d") == 0
+    assert router.assign(None, [0, 2], load.get) == 2  # no session: nothing remembered
