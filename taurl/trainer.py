@@ -48,7 +48,7 @@ from taurl.learners import AlgorithmOptions, Learner, LearnerConfig, distributed
 from taurl.models import resolve_model
 from taurl.rollout.eval import EvalConfig, evaluate
 from taurl.rollout.runner import EnvFactory, RolloutConfig, run_rollout
-from taurl.types import SamplingParams, Trajectory
+from taurl.types import TERMINATIONS, SamplingParams, Trajectory
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -275,7 +275,7 @@ def rollout_metrics(trajs: list[Trajectory], prefix: str = "rollout") -> dict[st
         f"{prefix}/sampled_tokens": sum(t.num_sampled_tokens for t in trajs) / n,
         f"{prefix}/episode_tokens": sum(len(t.token_ids) for t in trajs) / n,
     }
-    for reason in ("terminated", "truncated", "max_turns", "context_overflow", "error"):
+    for reason in TERMINATIONS:
         out[f"{prefix}/termination/{reason}"] = sum(t.termination == reason for t in trajs) / n
     stops = [s for t in trajs for s in t.info.get("finish_reasons", []) or []]  # type: ignore[union-attr]
     if stops:
