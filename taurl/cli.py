@@ -14,7 +14,7 @@ from taurl import __version__
 from taurl.errors import TaurlError
 
 if TYPE_CHECKING:
-    from taurl.rollout.commands import EvalCommand
+    from taurl.rollout.commands import EvalCommand, RolloutCommand
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -44,9 +44,10 @@ def _agent_flags(prefix: str, args: argparse.Namespace) -> list[tuple[str, objec
     ]
 
 
-def _cmd_rollout(args: argparse.Namespace) -> int:
+def rollout_command(args: argparse.Namespace) -> RolloutCommand:
+    """The :class:`RolloutCommand` that parsed ``taurl rollout`` arguments ask for."""
     from taurl.config import load_config
-    from taurl.rollout.commands import RolloutCommand, run_rollout_command
+    from taurl.rollout.commands import RolloutCommand
 
     overrides = _overrides(
         [
@@ -63,7 +64,13 @@ def _cmd_rollout(args: argparse.Namespace) -> int:
         ],
         args.overrides,
     )
-    cmd = load_config(RolloutCommand, args.config, overrides)
+    return load_config(RolloutCommand, args.config, overrides)
+
+
+def _cmd_rollout(args: argparse.Namespace) -> int:
+    from taurl.rollout.commands import run_rollout_command
+
+    cmd = rollout_command(args)
     result = run_rollout_command(cmd)
     print(json.dumps(result.summary.to_dict(), indent=2))
     print(f"wrote {result.summary.episodes} trajectories to {cmd.output}")

@@ -66,3 +66,29 @@ def test_eval_labels_name_checkpoints_by_run_and_iteration() -> None:
     assert _label("runs/grpo-sql/checkpoints/iter-000004/policy") == "grpo-sql@iter-000004"
     assert _label("/abs/runs/x/checkpoints/iter-000010/policy") == "x@iter-000010"
     assert _label("models/my-model") == "my-model"
+
+
+def test_every_rollout_and_eval_flag_lands_on_its_config_field() -> None:
+    from taurl.cli import rollout_command
+
+    r = rollout_command(build_parser().parse_args([
+        "rollout", "--model", "tiny-random", "--out", "t.jsonl", "--backend", "hf",
+        "--env", "taurl/SQL-v0", "--split", "heldout", "--tasks", "3", "--samples", "2",
+        "--in-flight", "5", "--seed", "9", "--max-turns", "2", "--max-tokens", "33",
+        "--temperature", "0.5", "--no-progress", "rollout.task_offset=4",
+    ]))
+    assert (r.model, r.output, r.backend.kind) == ("tiny-random", "t.jsonl", "hf")
+    ro = r.rollout
+    assert (ro.env_id, ro.split, ro.num_tasks, ro.samples_per_task, ro.max_in_flight, ro.seed,
+            ro.task_offset) == ("taurl/SQL-v0", "heldout", 3, 2, 5, 9, 4)
+    assert (ro.agent.max_turns, ro.agent.sampling.max_tokens, ro.agent.sampling.temperature,
+            ro.progress) == (2, 33, 0.5, False)
+    e = eval_command(build_parser().parse_args([
+        "eval", "--model", "m1", "--compare", "m2", "--out", "o", "--env", "a", "b",
+        "--split", "train", "--episodes", "7", "--samples", "3", "--in-flight", "6",
+        "--seed", "2", "--max-turns", "4",
+    ]))
+    assert (e.model, e.compare, e.out_dir, e.eval.envs, e.eval.split) == (
+        "m1", "m2", "o", ["a", "b"], "train")
+    assert (e.eval.episodes, e.eval.samples, e.eval.max_in_flight, e.eval.seed,
+            e.eval.agent.max_turns) == (7, 3, 6, 2, 4)
