@@ -86,7 +86,7 @@ def test_every_rollout_and_eval_flag_lands_on_its_config_field() -> None:
     e = eval_command(build_parser().parse_args([
         "eval", "--model", "m1", "--compare", "m2", "--out", "o", "--env", "a", "b",
         "--split", "train", "--episodes", "7", "--samples", "3", "--in-flight", "6",
-        "--seed", "2", "--max-turns", "4",
+        "--seed", "2", "--max-turns", "4", "--temperature", "1.0",
     ]))
     assert (e.model, e.compare, e.out_dir, e.eval.envs, e.eval.split) == (
         "m1", "m2", "o", ["a", "b"], "train")
