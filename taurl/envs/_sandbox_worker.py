@@ -197,25 +197,18 @@ def _drop_capabilities() -> None:
 
 
 def _probe_pid_namespace() -> bool:
-    """Whether a run can get a PID namespace of its own (with its own /proc)."""
+    """Whether a run can get a PID namespace of its own (with its own /proc): launch a
+    trivial run the way :func:`_execute` does and check it ran as the namespace's pid 2."""
+    status_r, status_w = os.pipe()
     pid = os.fork()
     if pid == 0:
-        ok = False
-        try:
-            if _libc.unshare(CLONE_NEWPID) == 0:
-                inner = os.fork()
-                if inner == 0:
-                    ok_inner = _libc.unshare(CLONE_NEWNS) == 0
-                    if ok_inner:
-                        try:
-                            _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
-                        except OSError:
-                            ok_inner = False
-                    os._exit(0 if ok_inner and os.getpid() == 1 else 1)
-                ok = os.waitpid(inner, 0)[1] == 0
-        finally:
-            os._exit(0 if ok else 1)
-    return os.waitpid(pid, 0)[1] == 0
+        os.close(status_r)
+        _launch_in_pid_namespace(status_w, lambda: os._exit(0 if os.getpid() == 2 else 1))
+    os.close(status_w)
+    launched = os.waitpid(pid, 0)[1] == 0
+    reported = os.read(status_r, 64)
+    os.close(status_r)
+    return launched and bool(reported) and os.waitstatus_to_exitcode(int(reported)) == 0
 
 
 def _launch_in_pid_namespace(status_fd: int, run_child) -> None:
@@ -339,7 +332,8 @@ class _MemoryCgroup:
         v1 = [path for _, ctrls, path in entries if "memory" in ctrls.split(",")]
         v2 = [path for hid, ctrls, path in entries if hid == "0" and ctrls == ""]
         if v1:
-            parent, limit, events = "/sys/fs/cgroup/memory" + v1[0], "memory.limit_in_bytes", "memory.oom_control"
+            parent = "/sys/fs/cgroup/memory" + v1[0]
+            limit, events = "memory.limit_in_bytes", "memory.oom_control"
         elif v2:
             parent, limit, events = "/sys/fs/cgroup" + v2[0], "memory.max", "memory.events"
         else:
