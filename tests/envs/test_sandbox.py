@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -311,14 +312,21 @@ def test_the_code_sees_only_its_own_processes(box: Sandbox) -> None:
     assert not killer.ok and "ProcessLookupError" in killer.stderr, killer
 
 
-def _nobody_worker() -> subprocess.Popen:
-    """The worker script as an unprivileged user (nobody), under the system interpreter."""
+def _nobody_worker(script_dir: Path) -> subprocess.Popen:
+    """The worker script as an unprivileged user (nobody), under the system interpreter.
+
+    The script is copied into ``script_dir`` (world-readable): the checkout may sit in a
+    folder nobody cannot enter (a CI clone in a ``mktemp -d`` directory is 0700).
+    """
     import taurl.envs.sandbox as sandbox_module
 
+    script = script_dir / "_sandbox_worker.py"
+    shutil.copyfile(sandbox_module._WORKER_SCRIPT, script)
+    os.chmod(script, 0o644)
     cfg = {"mode": "strongest", "uid": 0, "gid": 0, "tmpfs_mb": 16,
            "hidden_paths": [str(Path(sandbox_module.__file__).resolve().parents[1])]}
     return subprocess.Popen(
-        ["/usr/bin/python3", "-I", "-S", str(sandbox_module._WORKER_SCRIPT), json.dumps(cfg)],
+        ["/usr/bin/python3", "-I", "-S", str(script), json.dumps(cfg)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
         user=65534, group=65534, extra_groups=[], cwd="/", start_new_session=True,
     )
@@ -346,7 +354,9 @@ def test_an_unprivileged_user_gets_kernel_isolation_from_user_namespaces(tmp_pat
     os.chown(victim_dir, 65534, 65534)
     os.chown(victim, 65534, 65534)
     host = subprocess.Popen(["sleep", "60"], user=65534, group=65534, extra_groups=[])
-    worker = _nobody_worker()
+    script_dir = Path(tempfile.mkdtemp(prefix="taurl-nobody-"))
+    os.chmod(script_dir, 0o755)
+    worker = _nobody_worker(script_dir)
     try:
         hello = json.loads(worker.stdout.readline())
         assert hello["isolation"] == ["userns", "netns", "ipcns", "mountns", "pidns"], hello
@@ -376,12 +386,16 @@ def test_an_unprivileged_user_gets_kernel_isolation_from_user_namespaces(tmp_pat
         assert "forked" in forks["stdout"], forks
         package = str(Path(__file__).resolve().parents[2] / "taurl")
         hidden = run(f"import os\nprint(os.listdir({package!r}))")
-        assert "envs" not in hidden["stdout"] and "PermissionError" in hidden["stderr"], hidden
+        # unreadable (the covering tmpfs), or absent when the checkout is under /tmp, which
+        # the worker replaces with its own private tmpfs
+        refused = ("PermissionError", "FileNotFoundError")
+        assert "envs" not in hidden["stdout"] and any(e in hidden["stderr"] for e in refused), hidden
         assert victim.read_text() == "keep" and host.poll() is None  # both untouched
     finally:
         worker.kill()
         host.kill()
         shutil.rmtree(victim_dir, ignore_errors=True)
+        shutil.rmtree(script_dir, ignore_errors=True)
 
 
 def test_limits_are_validated() -> None:
