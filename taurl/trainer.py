@@ -29,9 +29,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import os
 import random
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,16 +40,14 @@ import torch
 from taurl.agents.backend import BackendConfig, InferenceBackend, make_backend
 from taurl.agents.loop import Agent, AgentConfig
 from taurl.agents.ray_backend import RayConfig
-from taurl.config import config_from_dict, config_to_dict, dump_config
 from taurl.errors import ConfigError, TaurlError
 from taurl.learners import AlgorithmOptions, Learner, LearnerConfig, distributed
 from taurl.models import resolve_model
 from taurl.rollout.eval import EvalConfig, evaluate
+from taurl.rollout.metrics import batch_means
 from taurl.rollout.runner import EnvFactory, RolloutConfig, run_rollout
-from taurl.types import TERMINATIONS, SamplingParams, Trajectory
-
-CHECKPOINTS = "checkpoints"
-LATEST = "latest"
+from taurl.run_dir import MetricsLog, RunDir
+from taurl.types import SamplingParams, Trajectory
 
 
 def _default_rollout() -> RolloutConfig:
@@ -83,7 +79,7 @@ class TrainConfig:
     seed: int = 0
     # training episodes: env, tasks per iteration (N), group size (G), agent limits and sampling
     rollout: RolloutConfig = field(default_factory=_default_rollout)
-    # the algorithm and its optimiser (learner.algorithm: reinforce | ppo | grpo | grpo_opd | ...)
+    # the algorithm (learner.algorithm: a preset, see LearnerConfig.algorithm) and its optimiser
     learner: LearnerConfig = field(
         default_factory=lambda: LearnerConfig(
             lr=5e-6, micro_batch_tokens=2048, options=AlgorithmOptions(kl_coef=0.0)
@@ -124,92 +120,6 @@ class TrainConfig:
             self.learner.seed = self.seed
 
 
-# -- the run directory --------------------------------------------------------------
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-class RunDir:
-    """The files of one run; writes are atomic (temp name, then rename)."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.checkpoints = self.path / CHECKPOINTS
-
-    @property
-    def config_path(self) -> Path:
-        return self.path / "config.yaml"
-
-    def init(self, cfg: TrainConfig) -> None:
-        """Create the run directory for ``cfg``; refuse one that belongs to another run."""
-        if self.config_path.exists():
-            old = load_run_config(self.path)
-            if config_to_dict(old) != config_to_dict(cfg):
-                diff = _config_diff(config_to_dict(old), config_to_dict(cfg))
-                raise ConfigError(
-                    f"{self.path} already holds a run with a different config ({diff}); "
-                    "pick another run_dir, or `taurl train --resume` it with its own config"
-                )
-            if self.latest_checkpoint() is not None:
-                raise ConfigError(
-                    f"{self.path} already holds checkpoints of this config; continue it with "
-                    f"`taurl train --resume {self.path}`, or pick another run_dir"
-                )
-        self.path.mkdir(parents=True, exist_ok=True)
-        self.checkpoints.mkdir(exist_ok=True)
-        tmp = self.path / ".config.yaml.tmp"
-        dump_config(cfg, tmp)
-        os.replace(tmp, self.config_path)
-
-    def latest_checkpoint(self) -> Path | None:
-        pointer = self.checkpoints / LATEST
-        if not pointer.is_file():
-            return None
-        ckpt = self.checkpoints / pointer.read_text().strip()
-        return ckpt if (ckpt / "trainer.json").is_file() else None
-
-    def save_checkpoint(
-        self, iteration: int, learner: Learner, keep: int, model_path: Path
-    ) -> Path:
-        """Write ``checkpoints/iter-N`` under a temp name, rename it, then move ``latest``.
-
-        ``iter-N/policy`` is a plain Hugging Face folder of the policy (what ``taurl eval
-        --model`` and vLLM load); ``iter-N/learner`` holds what resuming needs.
-        """
-        name = f"iter-{iteration:06d}"
-        tmp = self.checkpoints / f".{name}.tmp"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        learner.save(tmp / "learner")
-        export_policy(learner, model_path, tmp / "policy")
-        rng = {"python": random.getstate(), "numpy": np.random.get_state()}
-        torch.save(rng, tmp / "rng.pt")
-        (tmp / "trainer.json").write_text(json.dumps({"iteration": iteration}))
-        final = self.checkpoints / name
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _atomic_write(self.checkpoints / LATEST, name)
-        done = sorted(p for p in self.checkpoints.glob("iter-*") if p.is_dir())
-        for old in done[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-        return final
-
-    def truncate_metrics(self, last_iteration: int) -> None:
-        """Drop metrics lines past ``last_iteration`` (written by an iteration that was lost)."""
-        path = self.path / "metrics.jsonl"
-        if not path.is_file():
-            return
-        keep = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("iteration", -1) <= last_iteration]
-        _atomic_write(path, "".join(f"{line}\n" for line in keep))
-
-
 def _resolve_model_options(config: LearnerConfig) -> LearnerConfig:
     """``options.teacher_path`` / ``critic_path`` may name a built-in model, as ``model:`` does."""
     o = config.options
@@ -220,102 +130,9 @@ def _resolve_model_options(config: LearnerConfig) -> LearnerConfig:
     return dataclasses.replace(config, options=dataclasses.replace(o, **paths))
 
 
-def export_policy(learner: Learner, model_path: Path, out: Path) -> None:
-    """Write the learner's policy as a Hugging Face folder (config, tokenizer, safetensors)."""
-    from safetensors.torch import save_file
-
-    out.mkdir(parents=True, exist_ok=True)
-    for f in model_path.iterdir():
-        if f.is_file() and not f.name.endswith(".safetensors") and f.name != "taurl-model.json":
-            shutil.copy2(f, out / f.name)
-    # float32, and said so in config.json: RL updates at small learning rates are often
-    # below bf16's resolution, so a bf16 export can round the learned change away.
-    state = {k: v.contiguous() for k, v in learner.state_dict_for_sync(torch.float32).items()}
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    config = json.loads((out / "config.json").read_text())
-    config["dtype"] = "float32"
-    config.pop("torch_dtype", None)
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-
-
-def _config_diff(a: dict[str, object], b: dict[str, object], prefix: str = "") -> str:
-    for k in sorted(set(a) | set(b)):
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            d = _config_diff(va, vb, f"{prefix}{k}.")
-            if d:
-                return d
-        elif va != vb:
-            return f"{prefix}{k}: {va!r} there, {vb!r} now"
-    return ""
-
-
 def load_run_config(run_dir: str | Path) -> TrainConfig:
     """The config a run was started with."""
-    import yaml
-
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise ConfigError(f"{path} does not exist; is {run_dir} a run directory of `taurl train`?")
-    return config_from_dict(TrainConfig, yaml.safe_load(path.read_text()))
-
-
-# -- metrics ------------------------------------------------------------------------
-
-
-def rollout_metrics(trajs: list[Trajectory], prefix: str = "rollout") -> dict[str, float]:
-    """Means over a batch of episodes: return, success, turns, tool calls, lengths, terminations."""
-    n = max(len(trajs), 1)
-    out = {
-        f"{prefix}/tool_calls": sum(int(t.info.get("tool_calls", 0) or 0) for t in trajs) / n,  # type: ignore[arg-type]
-        f"{prefix}/tool_errors": sum(int(t.info.get("tool_errors", 0) or 0) for t in trajs) / n,  # type: ignore[arg-type]
-        f"{prefix}/return": sum(t.episode_return for t in trajs) / n,
-        f"{prefix}/success": sum(bool(t.success) for t in trajs) / n,
-        f"{prefix}/turns": sum(t.num_turns for t in trajs) / n,
-        f"{prefix}/sampled_tokens": sum(t.num_sampled_tokens for t in trajs) / n,
-        f"{prefix}/episode_tokens": sum(len(t.token_ids) for t in trajs) / n,
-    }
-    for reason in TERMINATIONS:
-        out[f"{prefix}/termination/{reason}"] = sum(t.termination == reason for t in trajs) / n
-    stops = [s for t in trajs for s in t.info.get("finish_reasons", []) or []]  # type: ignore[union-attr]
-    if stops:
-        out[f"{prefix}/stop/length"] = sum(s == "length" for s in stops) / len(stops)
-    return out
-
-
-def _sample_text(t: Trajectory) -> str:
-    lines = [f"### {t.env_id} {t.task_id} · return {t.episode_return:.2f} · {t.termination}"]
-    for m in t.messages:
-        lines.append(f"**{m.get('role')}**: {m.get('content')}")
-    return "\n\n".join(lines) + "\n\n"
-
-
-class _Logger:
-    def __init__(self, run: RunDir, tensorboard: bool) -> None:
-        self.path = run.path / "metrics.jsonl"
-        self.tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(run.path / "tb"))
-            except ImportError:
-                print("taurl: tensorboard is not installed; metrics go to metrics.jsonl only")
-
-    def log(self, iteration: int, metrics: dict[str, float]) -> None:
-        row = {"iteration": iteration, **metrics}
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        if self.tb is not None:
-            for k, v in metrics.items():
-                self.tb.add_scalar(k, v, iteration)
-            self.tb.flush()
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+    return RunDir(run_dir).read_config(TrainConfig)
 
 
 # -- the loop -----------------------------------------------------------------------
@@ -377,7 +194,7 @@ async def train_async(
         elif backend is None:
             backend = make_backend(cfg.backend.kind, model_path, **cfg.backend.options)
     make_env = ray_rollout.make_env if ray_rollout is not None else None
-    logger = _Logger(run, cfg.tensorboard)
+    logger = MetricsLog(run, cfg.tensorboard)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -391,7 +208,7 @@ async def train_async(
         initial_sync_s = time.perf_counter() - t0
         agent = Agent(backend, tokenizer, cfg.rollout.agent)
         for it in range(start_iter, cfg.iterations):
-            metrics = await _iteration(cfg, run, agent, backend, learner, it, make_env)
+            metrics = await _iteration(cfg, logger, agent, backend, learner, it, make_env)
             if it == start_iter:
                 metrics["timing/initial_sync_s"] = initial_sync_s
             elapsed_min = (time.perf_counter() - t_start) / 60
@@ -460,8 +277,8 @@ def _follow(learner: Learner, run: RunDir) -> None:
 
 
 async def _iteration(
-    cfg: TrainConfig, run: RunDir, agent: Agent, backend: InferenceBackend, learner: Learner,
-    it: int, make_env: EnvFactory | None = None,
+    cfg: TrainConfig, log: MetricsLog, agent: Agent, backend: InferenceBackend,
+    learner: Learner, it: int, make_env: EnvFactory | None = None,
 ) -> dict[str, float]:
     t0 = time.perf_counter()
     rollout_cfg = dataclasses.replace(
@@ -470,7 +287,7 @@ async def _iteration(
     result = await run_rollout(agent, rollout_cfg, make_env=make_env)
     trajs = result.trajectories
     t1 = time.perf_counter()
-    metrics = rollout_metrics(trajs)
+    metrics = batch_means(trajs)
     metrics["rollout/tokens_per_s"] = result.summary.tokens_per_s
     batch = [t for t in trajs if t.termination != "error"]
     _lead("update", batch)
@@ -485,9 +302,7 @@ async def _iteration(
         "policy_version": float(learner.policy_version),
     })
     if cfg.log_samples:
-        with open(run.path / "samples.md", "a", encoding="utf-8") as f:
-            f.write(f"## iteration {it}\n\n")
-            f.writelines(_sample_text(t) for t in trajs[: cfg.log_samples])
+        log.samples(it, trajs[: cfg.log_samples])
     return metrics
 
 

@@ -11,8 +11,9 @@ tokens the policy sampled; prompt, observation/tool and padding tokens are 0 and
 advantage 0, so they never receive gradient.
 
 The estimators behind the algorithm presets all have one signature,
-``estimator(inputs: AdvantageInputs, params: AdvantageParams) -> AdvantageOutput``,
-and are selected by name from :data:`ESTIMATORS`.
+``estimator(inputs: AdvantageInputs, params: AdvantageParams) -> (AdvantageOutput, metrics)``,
+and are selected by name from :data:`ESTIMATORS`. Moving values between turns and
+tokens is :mod:`taurl.learners.turns`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Literal
 import torch
 
 from taurl.errors import ConfigError
+from taurl.learners.turns import broadcast_turns, gather_turn_starts, turn_start_mask
 
 Scale = Literal["std", "none"]
 Credit = Literal["episode", "turn"]
@@ -193,56 +195,6 @@ def turn_returns(
     return out
 
 
-def broadcast_turns(
-    x_B_H: torch.Tensor, turn_ids_B_T: torch.Tensor, mask_B_T: torch.Tensor
-) -> torch.Tensor:
-    """Give every sampled token of turn h the value ``x[b, h]``.
-
-    Args:
-        x_B_H: float [B, H].
-        turn_ids_B_T: int [B, T], the turn of each token (-1 for the prompt).
-        mask_B_T: 0/1 [B, T], sampled tokens.
-
-    Returns:
-        float [B, T], 0 where mask is 0.
-    """
-    idx = turn_ids_B_T.clamp(min=0, max=max(x_B_H.shape[1] - 1, 0)).long()
-    return x_B_H.gather(1, idx) * mask_B_T.to(x_B_H.dtype)
-
-
-def turn_start_mask(turn_ids_B_T: torch.Tensor, mask_B_T: torch.Tensor) -> torch.Tensor:
-    """0/1 [B, T]: 1 on the first sampled token of each turn (where the turn's state is).
-
-    Args:
-        turn_ids_B_T: int [B, T].
-        mask_B_T: 0/1 [B, T], sampled tokens.
-    """
-    m = mask_B_T > 0
-    prev_turn = torch.full_like(turn_ids_B_T, -2)
-    prev_turn[:, 1:] = turn_ids_B_T[:, :-1]
-    prev_m = torch.zeros_like(m)
-    prev_m[:, 1:] = m[:, :-1]
-    return (m & ~(prev_m & (prev_turn == turn_ids_B_T))).to(mask_B_T.dtype)
-
-
-def gather_turn_starts(
-    x_B_T: torch.Tensor, turn_ids_B_T: torch.Tensor, mask_B_T: torch.Tensor, num_turns: int
-) -> torch.Tensor:
-    """float [B, H]: ``x`` read at the first sampled token of each turn (0 for absent turns).
-
-    Args:
-        x_B_T: float [B, T], e.g. per-token values.
-        turn_ids_B_T: int [B, T].
-        mask_B_T: 0/1 [B, T], sampled tokens.
-        num_turns: H.
-    """
-    starts = turn_start_mask(turn_ids_B_T, mask_B_T) > 0
-    out = x_B_T.new_zeros(x_B_T.shape[0], num_turns)
-    b, t = starts.nonzero(as_tuple=True)
-    out[b, turn_ids_B_T[b, t].long()] = x_B_T[b, t]
-    return out
-
-
 def step_group_advantages(
     step_returns_B_H: torch.Tensor,
     anchor_ids_B_H: torch.Tensor,
@@ -373,20 +325,24 @@ def _spread(
     return broadcast_turns(per_turn, inputs.turn_ids_B_T, inputs.mask_B_T)
 
 
-def _group_norm(inputs: AdvantageInputs, params: AdvantageParams) -> AdvantageOutput:
+Metrics = dict[str, float]
+
+
+def _group_norm(inputs: AdvantageInputs, params: AdvantageParams) -> tuple[AdvantageOutput, Metrics]:
     scores, groups = _scores(inputs, params)
     adv = group_normalize(scores, groups, params.scale, params.eps)
-    return AdvantageOutput(_spread(adv, inputs, params), None, None)
+    return AdvantageOutput(_spread(adv, inputs, params), None, None), {}
 
 
-def _rloo(inputs: AdvantageInputs, params: AdvantageParams) -> AdvantageOutput:
+def _rloo(inputs: AdvantageInputs, params: AdvantageParams) -> tuple[AdvantageOutput, Metrics]:
     scores, groups = _scores(inputs, params)
-    return AdvantageOutput(_spread(rloo(scores, groups), inputs, params), None, None)
+    return AdvantageOutput(_spread(rloo(scores, groups), inputs, params), None, None), {}
 
 
-def _batch_norm(inputs: AdvantageInputs, params: AdvantageParams) -> AdvantageOutput:
+def _batch_norm(inputs: AdvantageInputs, params: AdvantageParams) -> tuple[AdvantageOutput, Metrics]:
     scores, _ = _scores(inputs, params)
-    return AdvantageOutput(_spread(batch_normalize(scores, params.eps), inputs, params), None, None)
+    adv = batch_normalize(scores, params.eps)
+    return AdvantageOutput(_spread(adv, inputs, params), None, None), {}
 
 
 def _need_values(inputs: AdvantageInputs, name: str) -> torch.Tensor:
@@ -395,13 +351,27 @@ def _need_values(inputs: AdvantageInputs, name: str) -> torch.Tensor:
     return inputs.values_B_T
 
 
-def _gae(inputs: AdvantageInputs, params: AdvantageParams) -> AdvantageOutput:
+def explained_variance(
+    values_B_T: torch.Tensor, returns_B_T: torch.Tensor, mask_B_T: torch.Tensor
+) -> float:
+    """``1 − Var(G − V) / Var(G)`` over the masked positions: how much of the returns'
+    variance the critic predicts (1 perfect, 0 no better than a constant, < 0 worse).
+    nan when the returns do not vary."""
+    m = mask_B_T > 0
+    g, v = returns_B_T[m].double(), values_B_T[m].double()
+    if g.numel() < 2 or g.var() == 0:
+        return float("nan")
+    return (1.0 - (g - v).var() / g.var()).item()
+
+
+def _gae(inputs: AdvantageInputs, params: AdvantageParams) -> tuple[AdvantageOutput, Metrics]:
     values = _need_values(inputs, "gae")
     adv, ret = gae(inputs.token_rewards_B_T, values, inputs.mask_B_T, params.gamma, params.lam)
-    return AdvantageOutput(adv, ret, inputs.mask_B_T)
+    ev = explained_variance(values, ret, inputs.mask_B_T)
+    return AdvantageOutput(adv, ret, inputs.mask_B_T), {"adv/explained_variance": ev}
 
 
-def _turn_gae(inputs: AdvantageInputs, params: AdvantageParams) -> AdvantageOutput:
+def _turn_gae(inputs: AdvantageInputs, params: AdvantageParams) -> tuple[AdvantageOutput, Metrics]:
     values = _need_values(inputs, "turn_gae")
     H = inputs.turn_rewards_B_H.shape[1]
     turn_values = gather_turn_starts(values, inputs.turn_ids_B_T, inputs.mask_B_T, H)
@@ -410,12 +380,13 @@ def _turn_gae(inputs: AdvantageInputs, params: AdvantageParams) -> AdvantageOutp
     )
     starts = turn_start_mask(inputs.turn_ids_B_T, inputs.mask_B_T)
     returns = broadcast_turns(ret_H, inputs.turn_ids_B_T, starts)
-    return AdvantageOutput(
-        broadcast_turns(adv_H, inputs.turn_ids_B_T, inputs.mask_B_T), returns, starts
-    )
+    out = AdvantageOutput(broadcast_turns(adv_H, inputs.turn_ids_B_T, inputs.mask_B_T), returns,
+                          starts)
+    ev = explained_variance(turn_values, ret_H, inputs.turn_valid_B_H)
+    return out, {"adv/explained_variance": ev}
 
 
-Estimator = Callable[[AdvantageInputs, AdvantageParams], AdvantageOutput]
+Estimator = Callable[[AdvantageInputs, AdvantageParams], tuple[AdvantageOutput, Metrics]]
 
 #: Reward-side estimators by name; every one takes ``(AdvantageInputs, AdvantageParams)``.
 ESTIMATORS: dict[str, Estimator] = {
@@ -467,37 +438,3 @@ def advantage_metrics(
 
 def _split_by(x_N: torch.Tensor, keys_N: torch.Tensor) -> list[torch.Tensor]:
     return [x_N[keys_N == k] for k in torch.unique(keys_N)]
-
-
-# -- placing turn-level quantities on tokens -----------------------------------------------
-
-
-def turn_end_mask(turn_ids_B_T: torch.Tensor, mask_B_T: torch.Tensor) -> torch.Tensor:
-    """0/1 [B, T]: 1 on the last sampled token of each turn (where the turn's reward lands).
-
-    Args:
-        turn_ids_B_T: int [B, T].
-        mask_B_T: 0/1 [B, T], sampled tokens.
-    """
-    m = mask_B_T > 0
-    next_turn = torch.full_like(turn_ids_B_T, -2)
-    next_turn[:, :-1] = turn_ids_B_T[:, 1:]
-    next_m = torch.zeros_like(m)
-    next_m[:, :-1] = m[:, 1:]
-    return (m & ~(next_m & (next_turn == turn_ids_B_T))).to(mask_B_T.dtype)
-
-
-def turn_sums(
-    x_B_T: torch.Tensor, turn_ids_B_T: torch.Tensor, mask_B_T: torch.Tensor, num_turns: int
-) -> torch.Tensor:
-    """float [B, H]: the sum of ``x`` over each turn's sampled tokens.
-
-    Args:
-        x_B_T: float [B, T], e.g. a per-token KL penalty.
-        turn_ids_B_T: int [B, T].
-        mask_B_T: 0/1 [B, T], sampled tokens.
-        num_turns: H.
-    """
-    out = x_B_T.new_zeros(x_B_T.shape[0], num_turns)
-    idx = turn_ids_B_T.clamp(min=0, max=max(num_turns - 1, 0)).long()
-    return out.scatter_add_(1, idx, x_B_T * mask_B_T.to(x_B_T.dtype))

@@ -198,3 +198,22 @@ def global_denominators(batch: Batch, rows: list[int], norm_len: int) -> tuple[i
     num_seqs = int((per_row > 0).sum().item())
     longest = math.ceil(per_row.max().item()) if rows else 1
     return num_tokens, num_seqs, max(norm_len or longest, 1)
+
+
+@dataclass(frozen=True)
+class Denominators:
+    """A minibatch's global loss normalisers: every micro-batch divides by these."""
+
+    num_tokens: int  # sampled tokens
+    num_seqs: int  # rows with a sampled token
+    norm_len: int  # seq-mean-token-sum-norm's constant length
+    num_value: int  # positions where the value loss applies
+
+    @classmethod
+    def of(cls, batch: Batch, rows: list[int], norm_len: int,
+           value_mask_B_T: torch.Tensor | None) -> Denominators:
+        """The normalisers of minibatch ``rows`` (``value_mask_B_T``: None without a critic)."""
+        num_value = 0
+        if value_mask_B_T is not None:
+            num_value = int(value_mask_B_T[batch.rows(rows)].sum().item())
+        return cls(*global_denominators(batch, rows, norm_len), num_value)

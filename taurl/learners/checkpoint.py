@@ -44,7 +44,7 @@ def _write(learner: Learner, d: Path,
     """Write :func:`save`'s files; ``gathered``: FSDP2's full weights and optimizer."""
     d.mkdir(parents=True, exist_ok=True)
     if gathered is None:
-        save_model(learner._modules, str(d / "model.safetensors"))
+        save_model(learner.trained_modules, str(d / "model.safetensors"))
         torch.save(learner.optimizer.state_dict(), d / "optimizer.pt")
     else:
         save_file(gathered[0], str(d / "model.safetensors"), metadata={"format": "pt"})
@@ -71,7 +71,7 @@ def load(learner: Learner, directory: Path) -> None:
     if learner.parallel == "fsdp2":
         _load_fsdp_state(learner, load_file(d / "model.safetensors"), optimizer)
     else:
-        load_model(learner._modules, str(d / "model.safetensors"), device=str(learner.device))
+        load_model(learner.trained_modules, str(d / "model.safetensors"), device=str(learner.device))
         learner.optimizer.load_state_dict(optimizer)
     rng = torch.load(d / "rng.pt", weights_only=True)
     torch.set_rng_state(rng["torch"])
@@ -82,8 +82,8 @@ def load(learner: Learner, directory: Path) -> None:
 
 
 def _param_names(learner: Learner) -> list[str]:
-    """The optimizer's parameters' names in ``learner._modules``, in the optimizer's order."""
-    names = {id(p): n for n, p in learner._modules.named_parameters()}
+    """The optimizer's parameters' names in ``learner.trained_modules``, in the optimizer's order."""
+    names = {id(p): n for n, p in learner.trained_modules.named_parameters()}
     return [names[id(p)] for g in learner.optimizer.param_groups for p in g["params"]]
 
 
@@ -99,9 +99,9 @@ def _gather_fsdp_state(learner: Learner) -> tuple[dict[str, torch.Tensor], dict[
         get_optimizer_state_dict,
     )
 
-    full = D.full_state_dict(learner._modules)
+    full = D.full_state_dict(learner.trained_modules)
     by_name = get_optimizer_state_dict(
-        learner._modules, learner.optimizer,
+        learner.trained_modules, learner.optimizer,
         options=StateDictOptions(full_state_dict=True, cpu_offload=True),
     )
     if not D.is_main():
@@ -129,7 +129,7 @@ def _load_fsdp_state(learner: Learner, weights: dict[str, torch.Tensor],
     )
 
     tied: dict[int, list[str]] = defaultdict(list)
-    for k, v in learner._modules.state_dict(keep_vars=True).items():
+    for k, v in learner.trained_modules.state_dict(keep_vars=True).items():
         tied[id(v)].append(k)
     full = {}
     for ks in tied.values():
@@ -139,11 +139,11 @@ def _load_fsdp_state(learner: Learner, weights: dict[str, torch.Tensor],
                               "learner with the same algorithm and model?")
         full.update(dict.fromkeys(ks, weights[saved[0]]))
     options = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(learner._modules, full, options=options)
+    set_model_state_dict(learner.trained_modules, full, options=options)
     names = _param_names(learner)
     by_name = {
         "state": {names[i]: st for i, st in optimizer["state"].items()},
         "param_groups": [{**g, "params": [names[i] for i in g["params"]]}
                          for g in optimizer["param_groups"]],
     }
-    set_optimizer_state_dict(learner._modules, learner.optimizer, by_name, options=options)
+    set_optimizer_state_dict(learner.trained_modules, learner.optimizer, by_name, options=options)

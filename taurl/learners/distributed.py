@@ -12,8 +12,10 @@ Without ``WORLD_SIZE`` (or with 1) nothing here touches ``torch.distributed``: t
 helpers return at once (``world_size() == 1``, ``rank() == 0``, ``broadcast_object``
 gives its argument back), so a single process runs exactly as it did before.
 
-Also here: how the rows of a batch are split between ranks (:func:`shard_rows`),
-and the full (gathered) state dict of a module sharded by FSDP2.
+Also here: how the rows of a batch are split between ranks (:func:`shard_rows`) and
+packed into each rank's micro-batches (:func:`micro_batches`), the metric sums reduced
+over ranks (:class:`MetricSums`), and the full (gathered) state dict of a module
+sharded by FSDP2.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import contextlib
 import datetime
 import functools
 import os
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
@@ -30,6 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from taurl.errors import ConfigError
+from taurl.learners.batch import pack_micro_batches
 
 T = TypeVar("T")
 
@@ -219,6 +223,30 @@ def without_torchrun_env() -> Iterator[None]:
         os.environ.update(saved)
 
 
+class MetricSums:
+    """Token-weighted sums of per-micro-batch metrics (``*_max`` keys: running maxima)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
+        self.weights: dict[str, float] = defaultdict(float)
+
+    def add(self, metrics: dict[str, torch.Tensor], n: float, real: bool) -> None:
+        """Add one micro-batch's metrics with weight ``n`` (``real``: not a placeholder)."""
+        for k, v in metrics.items():  # a placeholder adds its keys (every rank reduces the same)
+            if k.endswith("_max"):
+                if real:
+                    self.sums[k] = torch.maximum(self.sums[k], v.detach().float())
+            else:
+                self.sums[k] += v.detach().float() * n
+                self.weights[k] += n
+
+    def means(self) -> dict[str, float]:
+        """Reduced over ranks: maxima as they are, the rest as weighted means."""
+        sums, weights = reduce_metric_sums(self.sums, self.weights)
+        return {k: v.item() if k.endswith("_max") else v.item() / max(weights[k], 1e-12)
+                for k, v in sums.items()}
+
+
 def shard_rows(rows: list[int], lengths: list[int], num_shards: int) -> list[list[int]]:
     """Split ``rows`` into ``num_shards`` shards of near-equal token counts, one per rank.
 
@@ -239,6 +267,53 @@ def shard_rows(rows: list[int], lengths: list[int], num_shards: int) -> list[lis
         shards[s].append(r)
         tokens[s] += lengths[r]
     return [sorted(s) for s in shards]
+
+
+def micro_batches(rows: list[int], widths: list[int], budget: int, parallel: str,
+                  lockstep: bool) -> list[tuple[list[int], bool]]:
+    """This rank's micro-batches of ``rows``, each with True when real.
+
+    Alone: all ``rows``, packed by the token ``budget``. Under torchrun: this rank's
+    shard of them (:func:`shard_rows`). A pass that runs collectives (``lockstep``:
+    backward under DDP or FSDP2, a policy forward under FSDP2) needs every rank in it,
+    so a rank with fewer micro-batches adds placeholders (the shortest row, results
+    thrown away): one per step for DDP's gradient all-reduce, as many as the busiest
+    rank has for FSDP2's gathers.
+
+    Args:
+        rows: row indices into the batch.
+        widths: padded length of every row (indexed by row).
+        budget: most tokens (rows × width) in one micro-batch.
+        parallel: ``none`` | ``ddp`` | ``fsdp2``.
+        lockstep: the pass runs collectives.
+    """
+    n = world_size()
+    if n == 1:
+        return [(micro, True) for micro in pack_micro_batches(rows, widths, budget)]
+    packs = [pack_micro_batches(shard, widths, budget) for shard in shard_rows(rows, widths, n)]
+    mine = [(micro, True) for micro in packs[rank()]]
+    if not lockstep:
+        need = 0
+    elif parallel == "fsdp2":
+        need = max(len(p) for p in packs)
+    else:
+        need = 1
+    placeholder = [min(rows, key=lambda r: (widths[r], r))]
+    return mine + [(placeholder, False)] * (need - len(mine))
+
+
+def grad_sync(parallel: str, train_forward: nn.Module, modules: nn.Module,
+              last: bool) -> contextlib.AbstractContextManager[None]:
+    """Reduce gradients over ranks only in the last micro-batch's backward of a step.
+
+    ``train_forward`` is the DDP wrapper under ``ddp``; ``modules`` the FSDP2-sharded
+    modules under ``fsdp2``.
+    """
+    if parallel == "ddp" and not last:
+        return train_forward.no_sync()  # type: ignore[operator, no-any-return]
+    if parallel == "fsdp2":
+        modules.set_requires_gradient_sync(last)  # type: ignore[operator]
+    return contextlib.nullcontext()
 
 
 def is_fsdp(module: nn.Module) -> bool:

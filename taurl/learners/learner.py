@@ -18,9 +18,11 @@ When the algorithm takes a single step per batch and nothing else needs it, step
 (1) is skipped: the ratio's denominator is the training forward's own log-prob,
 detached, which is the same number (θ_old = θ before the only step).
 
-One home each: the modules are built in :mod:`~taurl.learners.build`, the reward side
-is composed in :mod:`~taurl.learners.reward_side`, checkpoints are written and read by
-:mod:`~taurl.learners.checkpoint`; this module holds the update loop and scoring.
+One home each: the modules are built in :mod:`~taurl.learners.build`, the batch is
+scored in :mod:`~taurl.learners.scoring`, the reward side is composed in
+:mod:`~taurl.learners.reward_side`, checkpoints are written and read by
+:mod:`~taurl.learners.checkpoint`, micro-batches are sharded over ranks by
+:mod:`~taurl.learners.distributed`; this module holds the update loop.
 
 Under ``torchrun`` with N processes (:mod:`taurl.learners.distributed`) every rank
 gets the same whole batch: advantages and the loss normalisers are the whole
@@ -34,79 +36,21 @@ the ranks, so every rank returns the whole batch's.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from taurl.learners import advantages as A
-from taurl.learners import build, checkpoint
+from taurl.learners import build, checkpoint, scoring
 from taurl.learners import distributed as D
 from taurl.learners import losses as L
 from taurl.learners import reward_side as R
-from taurl.learners.batch import (
-    TEACHER_LOGPROBS_KEY,
-    Batch,
-    build_batch,
-    global_denominators,
-    group_ids,
-    info_tensor,
-    pack_micro_batches,
-    split_minibatches,
-)
+from taurl.learners.batch import Batch, Denominators, build_batch, split_minibatches
 from taurl.learners.config import LearnerConfig
-from taurl.learners.model import (
-    adapter_disabled,
-    autocast,
-    export_state_dict,
-    pick_autocast_dtype,
-    pick_device,
-    policy_forward,
-)
-from taurl.learners.teacher import (
-    align_to_student,
-    privileged_contexts,
-    privileged_prefix,
-    teacher_rows,
-)
+from taurl.learners.model import autocast, export_state_dict, pick_autocast_dtype, pick_device
 from taurl.types import Trajectory
-
-
-@dataclasses.dataclass(frozen=True)
-class _Denominators:
-    """A minibatch's global loss normalisers (every micro-batch divides by these)."""
-
-    num_tokens: int  # sampled tokens
-    num_seqs: int  # rows with a sampled token
-    norm_len: int  # seq-mean-token-sum-norm's constant length
-    num_value: int  # positions where the value loss applies
-
-
-class _MetricSums:
-    """Token-weighted sums of per-micro-batch metrics (``*_max`` keys: running maxima)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
-        self.weights: dict[str, float] = defaultdict(float)
-
-    def add(self, metrics: dict[str, torch.Tensor], n: float, real: bool) -> None:
-        for k, v in metrics.items():  # a placeholder adds its keys (every rank reduces the same)
-            if k.endswith("_max"):
-                if real:
-                    self.sums[k] = torch.maximum(self.sums[k], v.detach().float())
-            else:
-                self.sums[k] += v.detach().float() * n
-                self.weights[k] += n
-
-    def means(self) -> dict[str, float]:
-        """Reduced over ranks: maxima as they are, the rest as weighted means."""
-        sums, weights = D.reduce_metric_sums(self.sums, self.weights)
-        return {k: v.item() if k.endswith("_max") else v.item() / max(weights[k], 1e-12)
-                for k, v in sums.items()}
 
 
 class Learner:
@@ -141,18 +85,18 @@ class Learner:
         self.model, self.ref_model = built.policy, built.ref_model
         self.value_head, self.critic = built.value_head, built.critic
         self.teacher_model, self.tokenizer = built.teacher_model, built.tokenizer
-        self._modules = build.TrainedModules(self.model, self.value_head, self.critic)
+        self.trained_modules = build.TrainedModules(self.model, self.value_head, self.critic)
         # The module the training forward runs through: DDP's wrapper, or the modules
         # themselves (alone, or sharded in place by FSDP2). Scoring never needs DDP.
-        self._train_forward: nn.Module = self._modules
+        self._train_forward: nn.Module = self.trained_modules
         if self.parallel == "ddp":
             from torch.nn.parallel import DistributedDataParallel
 
             gpu = [self.device.index] if self.device.type == "cuda" else None
-            self._train_forward = DistributedDataParallel(self._modules, device_ids=gpu,
+            self._train_forward = DistributedDataParallel(self.trained_modules, device_ids=gpu,
                                                           forward_sync_buffers=False)
         elif self.parallel == "fsdp2":
-            build.fully_shard(self.model, self._modules, self.device, self.world_size)
+            build.fully_shard(self.model, self.trained_modules, self.device, self.world_size)
         critic_params = [p for m in (self.value_head, self.critic) if m is not None
                          for p in m.parameters()]
         groups = [{"params": [p for p in self.model.parameters() if p.requires_grad],
@@ -176,7 +120,7 @@ class Learner:
         start = time.perf_counter()
         o = self.options
         trajs = list(trajectories)
-        metrics, zero_var = self._reward_metrics(trajs)
+        metrics, zero_var = R.reward_metrics(trajs)
         if o.filter_zero_var_groups and trajs:
             trajs = [t for t, drop in zip(trajs, zero_var.tolist(), strict=True) if not drop]
             metrics["reward/filtered_frac"] = 1.0 - len(trajs) / max(len(trajectories), 1)
@@ -188,7 +132,7 @@ class Learner:
         targets, reward_side = self._targets(batch, trajs, need_old=steps > 1)
         metrics.update(reward_side)
 
-        acc = _MetricSums(self.device)
+        acc = D.MetricSums(self.device)
         lengths = batch.lengths_B.tolist()
         grad_norms = []
         for _ in range(o.epochs):
@@ -216,9 +160,9 @@ class Learner:
         """
         batch = build_batch(list(trajectories), self.device)
         targets, _ = self._targets(batch, list(trajectories), need_old=False)
-        self._modules.train()
+        self.trained_modules.train()
         self.optimizer.zero_grad(set_to_none=True)
-        acc = _MetricSums(self.device)
+        acc = D.MetricSums(self.device)
         self._backward_minibatch(batch, list(range(batch.size)), batch.lengths_B.tolist(),
                                  targets, acc)
         return acc.means()
@@ -232,7 +176,7 @@ class Learner:
         """
         if self.parallel != "fsdp2":
             return export_state_dict(self.model, dtype) if D.is_main() else {}
-        full = D.full_state_dict(self._modules)
+        full = D.full_state_dict(self.trained_modules)
         if not D.is_main():
             return {}
         out: dict[str, torch.Tensor] = {}
@@ -256,119 +200,25 @@ class Learner:
         """Restore a checkpoint written by :meth:`save` with the same config."""
         checkpoint.load(self, Path(directory))
 
-    # -- reward side --------------------------------------------------------------------
-
-    @staticmethod
-    def _reward_metrics(trajs: list[Trajectory]) -> tuple[dict[str, float], torch.Tensor]:
-        """``reward/...`` metrics of the whole batch, and which rows sit in zero-variance groups."""
-        if not trajs:
-            zero = {"reward/mean": 0.0, "reward/std": 0.0, "reward/zero_var_groups": 0.0}
-            return zero, torch.zeros(0, dtype=torch.bool)
-        returns = torch.tensor([t.episode_return for t in trajs], dtype=torch.float64)
-        groups = torch.tensor(group_ids(trajs))
-        zero_var = A.zero_variance_groups(returns, groups)
-        multi = (torch.bincount(groups) > 1).sum().item()
-        zero_var_groups = len(set(groups[zero_var].tolist()))
-        return {
-            "reward/mean": returns.mean().item(),
-            "reward/std": returns.std().item() if len(trajs) > 1 else 0.0,
-            "reward/zero_var_groups": zero_var_groups / multi if multi else 0.0,
-        }, zero_var
+    # -- one update ---------------------------------------------------------------------
 
     def _targets(self, batch: Batch, trajs: list[Trajectory],
-                 need_old: bool) -> tuple[R.Targets, dict[str, float]]:
+                 need_old: bool) -> tuple[R.UpdateTargets, dict[str, float]]:
         """Score the batch if anything needs it, then run the reward side (:mod:`reward_side`)."""
         o = self.options
         need_old = need_old or o.teacher != "none" or (o.kl_coef > 0 and o.kl_in == "reward")
-        scores = self._score(batch, trajs, need_old=need_old)
+        scores = scoring.score(self, batch, trajs, need_old=need_old)
         return R.compute(batch, scores, o, self.estimator, self.adv_params)
-
-    # -- scoring (no gradient) ----------------------------------------------------------
-
-    @torch.no_grad()
-    def _score(self, batch: Batch, trajs: list[Trajectory], need_old: bool) -> R.Scores:
-        o, cfg = self.options, self.config
-        need_ref = o.kl_coef > 0
-        B, T = batch.input_ids_B_T.shape
-        s = R.Scores()
-        if not (need_old or need_ref or o.critic != "none" or o.teacher != "none"):
-            return s
-        def zeros() -> torch.Tensor:
-            return torch.zeros(B, T, device=self.device)
-
-        s.old_logp = zeros() if need_old or o.critic != "none" else None
-        s.values = zeros() if o.critic != "none" else None
-        s.ref_logp = zeros() if need_ref else None
-        if o.teacher == "precomputed":
-            s.teacher_logp = info_tensor(trajs, TEACHER_LOGPROBS_KEY, T, self.device)
-        elif o.teacher != "none":
-            s.teacher_logp = zeros()
-        self._modules.eval()
-        # Each rank scores its shard; the rows it did not score stay 0 and the sum over
-        # ranks below fills them. FSDP2 needs every rank in every policy forward.
-        micros = self._micro_batches(
-            list(range(B)), batch.lengths_B.tolist(),
-            lockstep=self.parallel == "fsdp2" and s.old_logp is not None)
-        for micro, real in micros:
-            idx, W = batch.rows(micro), batch.width(micro)
-            ids, mask = batch.input_ids_B_T[idx, :W], batch.mask_B_T[idx, :W]
-            with autocast(self.device, self.amp_dtype):
-                if s.old_logp is not None:
-                    logp, _, values = self._modules(ids, mask, cfg.logprob_chunk_tokens)
-                    if real:
-                        s.old_logp[idx, :W] = logp
-                    if real and values is not None:
-                        s.values[idx, :W] = values
-                if not real:
-                    continue
-                if s.ref_logp is not None:
-                    with adapter_disabled(self.model):
-                        ref = self.ref_model or self.model
-                        s.ref_logp[idx, :W] = policy_forward(
-                            ref, ids, mask, cfg.logprob_chunk_tokens).logp_B_T
-                if self.teacher_model is not None:
-                    s.teacher_logp[idx, :W] = policy_forward(
-                        self.teacher_model, ids, mask, cfg.logprob_chunk_tokens).logp_B_T
-        for t in (s.old_logp, s.values, s.ref_logp):
-            if t is not None:
-                D.all_reduce_(t)
-        if self.teacher_model is not None:
-            D.all_reduce_(s.teacher_logp)
-        if o.teacher == "privileged":
-            s.teacher_logp = self._privileged_logprobs(batch, trajs)
-        return s
-
-    def _privileged_logprobs(self, batch: Batch, trajs: list[Trajectory]) -> torch.Tensor:
-        """float32 [B, T]: the frozen base model's log-probs with each trajectory's context."""
-        prefixes = [privileged_prefix(self.tokenizer, c) for c in privileged_contexts(trajs)]
-        rows, offsets = teacher_rows(batch.token_ids, prefixes)
-        widths = [len(r) for r in rows]
-        L_max = max(widths)
-        ids = torch.zeros(len(rows), L_max, dtype=torch.long, device=self.device)
-        mask = torch.zeros(len(rows), L_max, device=self.device)
-        for b, (row, off) in enumerate(zip(rows, offsets, strict=True)):
-            ids[b, : len(row)] = torch.tensor(row, device=self.device)
-            n = int(batch.lengths_B[b])
-            mask[b, off : off + n] = batch.mask_B_T[b, :n]
-        out = torch.zeros(len(rows), L_max, device=self.device)
-        base = self.ref_model or self.model  # never sharded: no lockstep needed
-        for micro, _ in self._micro_batches(list(range(len(rows))), widths, lockstep=False):
-            idx = torch.tensor(micro, device=self.device)
-            W = max(widths[i] for i in micro)
-            with autocast(self.device, self.amp_dtype), adapter_disabled(self.model):
-                out[idx, :W] = policy_forward(base, ids[idx, :W], mask[idx, :W],
-                                              self.config.logprob_chunk_tokens).logp_B_T
-        return align_to_student(D.all_reduce_(out), offsets, batch.input_ids_B_T.shape[1])
 
     # -- trajectory side: one optimizer step --------------------------------------------
 
-    def _step(self, batch: Batch, rows: list[int], lengths: list[int], targets: R.Targets,
-              acc: _MetricSums) -> torch.Tensor:
+    def _step(self, batch: Batch, rows: list[int], lengths: list[int], targets: R.UpdateTargets,
+              acc: D.MetricSums) -> torch.Tensor:
         """Accumulate the minibatch ``rows`` over micro-batches, clip, and take one AdamW step.
 
         Returns the gradient norm before clipping (float32 scalar).
         """
-        self._modules.train()
+        self.trained_modules.train()
         self.optimizer.zero_grad(set_to_none=True)
         self._backward_minibatch(batch, rows, lengths, targets, acc)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -378,19 +228,16 @@ class Learner:
         return D.plain(grad_norm).detach().float()
 
     def _backward_minibatch(self, batch: Batch, rows: list[int], lengths: list[int],
-                            targets: R.Targets, acc: _MetricSums) -> None:
+                            targets: R.UpdateTargets, acc: D.MetricSums) -> None:
         """Backward the minibatch's loss, micro-batch by micro-batch, normalised globally."""
         o, cfg = self.options, self.config
-        num_tokens, num_seqs, norm_len = global_denominators(batch, rows, o.loss_norm_len)
-        num_value = 0
-        if targets.value_mask_B_T is not None:
-            num_value = int(targets.value_mask_B_T[batch.rows(rows)].sum().item())
-        denom = _Denominators(num_tokens, num_seqs, norm_len, num_value)
-        micros = self._micro_batches(rows, lengths, lockstep=True)
+        denom = Denominators.of(batch, rows, o.loss_norm_len, targets.value_mask_B_T)
+        micros = self.micro_batches(rows, lengths, lockstep=True)
         for i, (micro, real) in enumerate(micros):
             idx, W = batch.rows(micro), batch.width(micro)
             ids, mask = batch.input_ids_B_T[idx, :W], batch.mask_B_T[idx, :W]
-            with self._grad_sync(last=i == len(micros) - 1):
+            with D.grad_sync(self.parallel, self._train_forward, self.trained_modules,
+                             last=i == len(micros) - 1):
                 with autocast(self.device, self.amp_dtype):
                     logp, entropy, values = self._train_forward(
                         ids, mask, cfg.logprob_chunk_tokens, o.entropy_coef > 0)
@@ -404,8 +251,8 @@ class Learner:
 
     def _micro_loss(
         self, batch: Batch, idx: torch.Tensor, W: int,
-        forward: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None], targets: R.Targets,
-        denom: _Denominators,
+        forward: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None], targets: R.UpdateTargets,
+        denom: Denominators,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One micro-batch's share of the minibatch loss (global denominators) and its metrics.
 
@@ -440,41 +287,8 @@ class Learner:
 
     # -- data parallelism (torchrun) ----------------------------------------------------
 
-    def _micro_batches(self, rows: list[int], widths: list[int],
-                       lockstep: bool) -> list[tuple[list[int], bool]]:
-        """This rank's micro-batches of ``rows``, each with True when real.
-
-        Alone: all ``rows``, packed by the token budget. Under torchrun: this rank's
-        shard of them (:func:`~taurl.learners.distributed.shard_rows`). A pass that runs
-        collectives (``lockstep``: backward under DDP or FSDP2, a policy forward under
-        FSDP2) needs every rank in it, so a rank with fewer micro-batches adds
-        placeholders (the shortest row, results thrown away): one per step for DDP's
-        gradient all-reduce, as many as the busiest rank has for FSDP2's gathers.
-
-        Args:
-            rows: row indices into the batch.
-            widths: padded length of every row (indexed by row).
-            lockstep: the pass runs collectives.
-        """
-        budget = self.config.micro_batch_tokens
-        if self.world_size == 1:
-            return [(micro, True) for micro in pack_micro_batches(rows, widths, budget)]
-        packs = [pack_micro_batches(shard, widths, budget)
-                 for shard in D.shard_rows(rows, widths, self.world_size)]
-        mine = [(micro, True) for micro in packs[self.rank]]
-        if not lockstep:
-            need = 0
-        elif self.parallel == "fsdp2":
-            need = max(len(p) for p in packs)
-        else:
-            need = 1
-        placeholder = [min(rows, key=lambda r: (widths[r], r))]
-        return mine + [(placeholder, False)] * (need - len(mine))
-
-    def _grad_sync(self, last: bool) -> contextlib.AbstractContextManager:
-        """Reduce gradients over ranks only in the last micro-batch's backward of a step."""
-        if self.parallel == "ddp" and not last:
-            return self._train_forward.no_sync()
-        if self.parallel == "fsdp2":
-            self._modules.set_requires_gradient_sync(last)
-        return contextlib.nullcontext()
+    def micro_batches(self, rows: list[int], widths: list[int],
+                      lockstep: bool) -> list[tuple[list[int], bool]]:
+        """This rank's micro-batches of ``rows`` (see :func:`distributed.micro_batches`)."""
+        return D.micro_batches(rows, widths, self.config.micro_batch_tokens, self.parallel,
+                               lockstep)

@@ -44,12 +44,12 @@ class AlgorithmOptions:
     teacher_clip: float | None = None  # clamp teacher - student log-prob gaps to ±this; 0 = none
     advantage_coef: float | None = None  # α: weight of the estimator's advantage; 0 = pure OPD
     # -- trajectory side: how log p_θ(τ) enters the gradient --
-    policy_loss: str | None = None  # ppo_clip | reinforce
+    policy_loss: str | None = None  # policy loss: ppo_clip | reinforce
     eps_low: float | None = None  # ratio clipped below at 1 - eps_low
     eps_high: float | None = None  # ratio clipped above at 1 + eps_high (> eps_low: clip-higher)
     dual_clip: float | None = None  # dual-clip constant c > 1 for negative advantages; 0 = off
     tis_cap: float | None = None  # cap of importance weights vs the sampler's log-probs; 0 = off
-    loss_agg: str | None = None  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
+    loss_agg: str | None = None  # aggregation: token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
     loss_norm_len: int | None = None  # length of seq-mean-token-sum-norm; 0 = longest in batch
     entropy_coef: float | None = None  # entropy bonus weight; 0 = off (entropy still reported)
     critic: Critic | None = None  # none | head (value head on the policy) | model (separate)

@@ -11,7 +11,8 @@ algorithm's options (never special-cased by the caller):
    (``step_group_weight``) and on-policy distillation from a teacher (``teacher``).
 
 Every term has the same shape: ``(state, context, options) -> (state, metrics)``, and a
-predicate saying when the options turn it on. :func:`compute` runs the three stages.
+predicate saying when the options turn it on. :func:`compute` runs the three stages;
+:func:`reward_metrics` reports the batch's rewards before any of them.
 """
 
 from __future__ import annotations
@@ -23,18 +24,11 @@ import torch
 
 from taurl.learners import advantages as A
 from taurl.learners import losses as L
-from taurl.learners.batch import Batch
+from taurl.learners import turns as TU
+from taurl.learners.batch import Batch, group_ids
 from taurl.learners.options import AlgorithmOptions
-
-
-@dataclass
-class Scores:
-    """What the no-gradient scoring pass produced, each float32 [B, T] or None."""
-
-    old_logp: torch.Tensor | None = None  # the learner's log-probs before the update
-    values: torch.Tensor | None = None  # the critic's values
-    ref_logp: torch.Tensor | None = None  # the reference policy's log-probs
-    teacher_logp: torch.Tensor | None = None  # the teacher's log-probs
+from taurl.learners.scoring import Scores
+from taurl.types import Trajectory
 
 
 @dataclass(frozen=True)
@@ -46,7 +40,7 @@ class Rewards:
 
 
 @dataclass(frozen=True)
-class Targets:
+class UpdateTargets:
     """What the trajectory side's loss is computed against, for every row of the batch."""
 
     advantages_B_T: torch.Tensor  # float32 [B, T]
@@ -68,7 +62,7 @@ def kl_in_reward(rewards: Rewards, batch: Batch, scores: Scores,
     kl = L.kl_penalty(scores.old_logp, scores.ref_logp, mask, o.kl_estimator)
     H = rewards.turn_B_H.shape[1]
     shaped = Rewards(rewards.token_B_T - o.kl_coef * kl,
-                     rewards.turn_B_H - o.kl_coef * A.turn_sums(kl, turns, mask, H))
+                     rewards.turn_B_H - o.kl_coef * TU.turn_sums(kl, turns, mask, H))
     return shaped, {"reward/kl_ref": L.masked_mean(kl, mask).item()}
 
 
@@ -78,7 +72,7 @@ def step_groups(adv_B_T: torch.Tensor, batch: Batch, scores: Scores, rewards: Re
     step_returns = A.turn_returns(rewards.turn_B_H, batch.turn_valid_B_H, o.gamma_turn)
     step_adv = A.step_group_advantages(step_returns, batch.anchor_ids_B_H, o.group_scale)
     turns, mask = batch.turn_ids_B_T, batch.mask_B_T
-    return adv_B_T + o.step_group_weight * A.broadcast_turns(step_adv, turns, mask), {}
+    return adv_B_T + o.step_group_weight * TU.broadcast_turns(step_adv, turns, mask), {}
 
 
 def teacher(adv_B_T: torch.Tensor, batch: Batch, scores: Scores, rewards: Rewards,
@@ -107,11 +101,11 @@ def active_terms(o: AlgorithmOptions) -> list[str]:
 
 
 def compute(batch: Batch, scores: Scores, o: AlgorithmOptions, estimator: A.Estimator,
-            params: A.AdvantageParams) -> tuple[Targets, Metrics]:
+            params: A.AdvantageParams) -> tuple[UpdateTargets, Metrics]:
     """Rewards → shaped rewards → advantages (+ terms) for every token of ``batch``."""
     mask, turns = batch.mask_B_T, batch.turn_ids_B_T
-    at_turn_end = A.turn_end_mask(turns, mask)
-    rewards = Rewards(A.broadcast_turns(batch.turn_rewards_B_H, turns, at_turn_end),
+    at_turn_end = TU.turn_end_mask(turns, mask)
+    rewards = Rewards(TU.broadcast_turns(batch.turn_rewards_B_H, turns, at_turn_end),
                       batch.turn_rewards_B_H)
     metrics: Metrics = {}
     for _, on, term in REWARD_TERMS:
@@ -123,11 +117,29 @@ def compute(batch: Batch, scores: Scores, o: AlgorithmOptions, estimator: A.Esti
         turn_rewards_B_H=rewards.turn_B_H, turn_valid_B_H=batch.turn_valid_B_H,
         group_ids_B=batch.group_ids_B, values_B_T=scores.values,
     )
-    out = estimator(inputs, params)
+    out, m = estimator(inputs, params)
+    metrics.update(m)
     adv = out.advantages_B_T
     for _, on, adv_term in ADVANTAGE_TERMS:
         if on(o):
             adv, m = adv_term(adv, batch, scores, rewards, o)
             metrics.update(m)
     metrics.update(A.advantage_metrics(adv, mask, turns))
-    return Targets(adv, out.returns_B_T, out.value_mask_B_T, scores), metrics
+    return UpdateTargets(adv, out.returns_B_T, out.value_mask_B_T, scores), metrics
+
+
+def reward_metrics(trajs: list[Trajectory]) -> tuple[Metrics, torch.Tensor]:
+    """``reward/...`` metrics of a whole batch, and which rows sit in zero-variance groups."""
+    if not trajs:
+        zero = {"reward/mean": 0.0, "reward/std": 0.0, "reward/zero_var_groups": 0.0}
+        return zero, torch.zeros(0, dtype=torch.bool)
+    returns = torch.tensor([t.episode_return for t in trajs], dtype=torch.float64)
+    groups = torch.tensor(group_ids(trajs))
+    zero_var = A.zero_variance_groups(returns, groups)
+    multi = (torch.bincount(groups) > 1).sum().item()
+    zero_var_groups = len(set(groups[zero_var].tolist()))
+    return {
+        "reward/mean": returns.mean().item(),
+        "reward/std": returns.std().item() if len(trajs) > 1 else 0.0,
+        "reward/zero_var_groups": zero_var_groups / multi if multi else 0.0,
+    }, zero_var

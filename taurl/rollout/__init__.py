@@ -2,11 +2,17 @@
 
 from taurl.rollout.eval import Comparison, EnvResult, EvalConfig, EvalReport, compare, evaluate
 from taurl.rollout.grouping import group_trajectories
-from taurl.rollout.metrics import EvalMetrics, mean_ci, paired_diff_ci, pass_at_k, summarize
+from taurl.rollout.metrics import (
+    EvalMetrics,
+    RolloutSummary,
+    mean_ci,
+    paired_diff_ci,
+    pass_at_k,
+    summarize,
+)
 from taurl.rollout.runner import (
     RolloutConfig,
     RolloutResult,
-    RolloutSummary,
     run_rollout,
     task_seed,
 )

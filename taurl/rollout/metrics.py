@@ -7,6 +7,10 @@
 - :func:`paired_diff_ci`: the mean difference of paired values (same task, same seed,
   two models) and its interval.
 - :func:`summarize`: every number the eval table shows, from a list of Trajectories.
+
+Every summary of a list of Trajectories (the eval table's :func:`summarize`, a
+rollout's :func:`summarize_rollout`, the trainer's per-iteration :func:`batch_means`)
+reads one set of sums, :func:`episode_totals`, so a count means the same everywhere.
 """
 
 from __future__ import annotations
@@ -121,6 +125,124 @@ def paired_diff_ci(
 
 
 @dataclass
+class EpisodeTotals:
+    """Sums and counts over a list of Trajectories, the one source of every summary."""
+
+    episodes: int  # trajectories
+    returns: float  # Σ episode_return
+    successes: int  # episodes with success == True (no verdict counts as failure)
+    turns: int  # Σ assistant turns
+    tool_calls: int  # tool calls attempted (malformed ones included)
+    tool_errors: int  # tool calls that failed
+    sampled_tokens: int  # tokens the policy generated
+    episode_tokens: int  # tokens of whole episodes (prompt, observations, samples)
+    terminations: Counter[str]  # termination reason -> episodes
+    finish_reasons: Counter[str]  # each generation's stop reason -> generations
+    drift: Counter[str]  # drift kind -> episodes checked
+    env_s: float  # seconds in env calls, summed over episodes
+    generate_s: float  # seconds awaiting the backend, summed over episodes
+    policy_versions: list[int]  # distinct policy versions that sampled, ascending
+
+    def named_terminations(self) -> dict[str, int]:
+        """The non-zero termination counts, in :data:`TERMINATIONS` order."""
+        return {name: self.terminations[name] for name in TERMINATIONS if self.terminations[name]}
+
+
+def _info_int(t: Trajectory, key: str) -> int:
+    return int(t.info.get(key, 0) or 0)  # type: ignore[arg-type]
+
+
+def episode_totals(trajectories: Sequence[Trajectory]) -> EpisodeTotals:
+    """The :class:`EpisodeTotals` of ``trajectories`` (all zero for none)."""
+    return EpisodeTotals(
+        episodes=len(trajectories),
+        returns=sum(t.episode_return for t in trajectories),
+        successes=sum(t.success is True for t in trajectories),
+        turns=sum(t.num_turns for t in trajectories),
+        tool_calls=sum(_info_int(t, "tool_calls") for t in trajectories),
+        tool_errors=sum(_info_int(t, "tool_errors") for t in trajectories),
+        sampled_tokens=sum(t.num_sampled_tokens for t in trajectories),
+        episode_tokens=sum(len(t.token_ids) for t in trajectories),
+        terminations=Counter(t.termination for t in trajectories),
+        finish_reasons=Counter(
+            str(s) for t in trajectories
+            for s in t.info.get("finish_reasons", []) or []  # type: ignore[union-attr]
+        ),
+        drift=Counter(
+            str(t.info["drift"]["kind"])  # type: ignore[index, call-overload]
+            for t in trajectories if isinstance(t.info.get("drift"), dict)
+        ),
+        env_s=sum(t.timing.get("env_s", 0.0) for t in trajectories),
+        generate_s=sum(t.timing.get("generate_s", 0.0) for t in trajectories),
+        policy_versions=sorted({t.policy_version for t in trajectories}),
+    )
+
+
+@dataclass
+class RolloutSummary:
+    """Counts and rates of one rollout."""
+
+    episodes: int  # trajectories produced
+    errors: int  # episodes that ended in "error"
+    terminations: dict[str, int]  # termination reason -> count
+    mean_return: float  # mean episode return
+    sampled_tokens: int  # tokens the policy generated
+    wall_s: float  # wall-clock seconds
+    episodes_per_s: float  # episodes / wall_s
+    tokens_per_s: float  # sampled_tokens / wall_s
+    env_s: float  # seconds spent in env calls, summed over episodes
+    generate_s: float  # seconds spent awaiting the backend, summed over episodes
+    policy_versions: list[int]  # distinct policy versions that sampled
+
+    def to_dict(self) -> dict[str, JSONValue]:
+        """JSON-ready."""
+        return asdict(self)
+
+
+
+def summarize_rollout(trajectories: Sequence[Trajectory], wall_s: float) -> RolloutSummary:
+    """The :class:`RolloutSummary` of finished trajectories."""
+    tot = episode_totals(trajectories)
+    n = tot.episodes
+    return RolloutSummary(
+        episodes=n,
+        errors=tot.terminations["error"],
+        terminations=tot.named_terminations(),
+        mean_return=tot.returns / n if n else 0.0,
+        sampled_tokens=tot.sampled_tokens,
+        wall_s=wall_s,
+        episodes_per_s=n / wall_s if wall_s > 0 else 0.0,
+        tokens_per_s=tot.sampled_tokens / wall_s if wall_s > 0 else 0.0,
+        env_s=tot.env_s,
+        generate_s=tot.generate_s,
+        policy_versions=tot.policy_versions,
+    )
+
+
+def batch_means(trajectories: Sequence[Trajectory], prefix: str = "rollout") -> dict[str, float]:
+    """Means over a batch of episodes, as the trainer logs them under ``prefix/``: return,
+    success, turns, tool calls and errors, lengths, each termination's share, and the share
+    of generations cut at the token limit."""
+    tot = episode_totals(trajectories)
+    n = max(tot.episodes, 1)
+    out = {
+        f"{prefix}/tool_calls": tot.tool_calls / n,
+        f"{prefix}/tool_errors": tot.tool_errors / n,
+        f"{prefix}/return": tot.returns / n,
+        f"{prefix}/success": tot.successes / n,
+        f"{prefix}/turns": tot.turns / n,
+        f"{prefix}/sampled_tokens": tot.sampled_tokens / n,
+        f"{prefix}/episode_tokens": tot.episode_tokens / n,
+    }
+    for reason in TERMINATIONS:
+        out[f"{prefix}/termination/{reason}"] = tot.terminations[reason] / n
+    stops = sum(tot.finish_reasons.values())
+    if stops:
+        out[f"{prefix}/stop/length"] = tot.finish_reasons["length"] / stops
+    return out
+
+
+@dataclass
 class EvalMetrics:
     """What one model scored on one environment."""
 
@@ -165,40 +287,31 @@ def summarize(trajectories: Sequence[Trajectory], wall_s: float, env_id: str = "
     """
     if not trajectories:
         raise ValueError("summarize needs at least one trajectory, got none")
-    returns = [t.episode_return for t in trajectories]
-    successes = [1.0 if t.success is True else 0.0 for t in trajectories]
-    mean_return, return_ci = mean_ci(returns)
-    success_rate, success_ci = mean_ci(successes)
+    tot = episode_totals(trajectories)
+    mean_return, return_ci = mean_ci([t.episode_return for t in trajectories])
+    success_rate, success_ci = mean_ci([float(t.success is True) for t in trajectories])
     counts = group_success_counts(trajectories)
     k_max = min(n for n, _ in counts)
     pass_k = {
         str(k): sum(pass_at_k(n, c, k) for n, c in counts) / len(counts) for k in range(1, k_max + 1)
     }
-    calls = sum(int(t.info.get("tool_calls", 0) or 0) for t in trajectories)  # type: ignore[arg-type]
-    tool_errors = sum(int(t.info.get("tool_errors", 0) or 0) for t in trajectories)  # type: ignore[arg-type]
-    terminations = Counter(t.termination for t in trajectories)
-    drift = Counter(
-        str(t.info["drift"]["kind"])  # type: ignore[index, call-overload]
-        for t in trajectories
-        if isinstance(t.info.get("drift"), dict)
-    )
-    sampled = sum(t.num_sampled_tokens for t in trajectories)
+    calls = tot.tool_calls
     return EvalMetrics(
         env_id=env_id or trajectories[0].env_id,
-        episodes=len(trajectories),
+        episodes=tot.episodes,
         tasks=len(counts),
         mean_return=mean_return,
         return_ci95=return_ci,
         success_rate=success_rate,
         success_ci95=success_ci,
         pass_at_k=pass_k,
-        mean_turns=sum(t.num_turns for t in trajectories) / len(trajectories),
+        mean_turns=tot.turns / tot.episodes,
         tool_calls=calls,
-        tool_call_validity=(calls - tool_errors) / calls if calls else None,
-        terminations={name: terminations[name] for name in TERMINATIONS if terminations[name]},
-        errors=terminations["error"],
-        sampled_tokens=sampled,
+        tool_call_validity=(calls - tot.tool_errors) / calls if calls else None,
+        terminations=tot.named_terminations(),
+        errors=tot.terminations["error"],
+        sampled_tokens=tot.sampled_tokens,
         wall_s=wall_s,
-        tokens_per_s=sampled / wall_s if wall_s > 0 else math.nan,
-        drift=dict(sorted(drift.items())),
+        tokens_per_s=tot.sampled_tokens / wall_s if wall_s > 0 else math.nan,
+        drift=dict(sorted(tot.drift.items())),
     )

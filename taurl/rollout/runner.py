@@ -24,10 +24,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Protocol
 
@@ -37,7 +36,8 @@ import taurl.envs  # noqa: F401 - registers the built-in environments with Gymna
 from taurl.agents.loop import Agent, AgentConfig, derive_seed
 from taurl.envs.base import SPLITS
 from taurl.errors import ConfigError, EnvWorkerLost
-from taurl.types import TERMINATIONS, JSONValue, Trajectory
+from taurl.rollout.metrics import RolloutSummary, summarize_rollout
+from taurl.types import JSONValue, Trajectory
 
 #: Times one episode is played again after its environment's process died, before it
 #: is recorded as an ``"error"`` episode.
@@ -89,27 +89,6 @@ class RolloutConfig:
 
 
 @dataclass
-class RolloutSummary:
-    """Counts and rates of one rollout."""
-
-    episodes: int  # trajectories produced
-    errors: int  # episodes that ended in "error"
-    terminations: dict[str, int]  # termination reason -> count
-    mean_return: float  # mean episode return
-    sampled_tokens: int  # tokens the policy generated
-    wall_s: float  # wall-clock seconds
-    episodes_per_s: float  # episodes / wall_s
-    tokens_per_s: float  # sampled_tokens / wall_s
-    env_s: float  # seconds spent in env calls, summed over episodes
-    generate_s: float  # seconds spent awaiting the backend, summed over episodes
-    policy_versions: list[int]  # distinct policy versions that sampled
-
-    def to_dict(self) -> dict[str, JSONValue]:
-        """JSON-ready."""
-        return asdict(self)
-
-
-@dataclass
 class RolloutResult:
     """Trajectories ordered by (task, sample) — group members adjacent — and the summary."""
 
@@ -134,26 +113,6 @@ def _error_trajectory(
         token_ids=[], loss_mask=[], logprobs=[], turn_ids=[], rewards=[], episode_return=0.0,
         termination="error", env_id=env_id, seed=seed, group_id=group_id,
         policy_version=policy_version, info={"error": message},
-    )
-
-
-def summarize_rollout(trajectories: list[Trajectory], wall_s: float) -> RolloutSummary:
-    """The :class:`RolloutSummary` of finished trajectories."""
-    terms = Counter(t.termination for t in trajectories)
-    sampled = sum(t.num_sampled_tokens for t in trajectories)
-    n = len(trajectories)
-    return RolloutSummary(
-        episodes=n,
-        errors=terms["error"],
-        terminations={k: terms[k] for k in TERMINATIONS if terms[k]},
-        mean_return=sum(t.episode_return for t in trajectories) / n if n else 0.0,
-        sampled_tokens=sampled,
-        wall_s=wall_s,
-        episodes_per_s=n / wall_s if wall_s > 0 else 0.0,
-        tokens_per_s=sampled / wall_s if wall_s > 0 else 0.0,
-        env_s=sum(t.timing.get("env_s", 0.0) for t in trajectories),
-        generate_s=sum(t.timing.get("generate_s", 0.0) for t in trajectories),
-        policy_versions=sorted({t.policy_version for t in trajectories}),
     )
 
 

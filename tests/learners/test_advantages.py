@@ -10,6 +10,7 @@ import torch
 
 from taurl.errors import ConfigError
 from taurl.learners import advantages as A
+from taurl.learners import turns as TU
 
 
 def close(a: torch.Tensor, b: list | float, tol: float = 1e-5) -> None:
@@ -110,12 +111,12 @@ def test_turn_masks_and_broadcast() -> None:
     # prompt, turn 0 (2 tokens), observation of turn 0, turn 1 (1 token), padding
     turns = torch.tensor([[-1, 0, 0, 0, 1, -1]])
     mask = torch.tensor([[0, 1, 1, 0, 1, 0]], dtype=torch.float32)
-    assert A.turn_start_mask(turns, mask).tolist() == [[0, 1, 0, 0, 1, 0]]
-    assert A.turn_end_mask(turns, mask).tolist() == [[0, 0, 1, 0, 1, 0]]
-    close(A.broadcast_turns(torch.tensor([[0.3, -2.0]]), turns, mask), [[0, 0.3, 0.3, 0, -2.0, 0]])
+    assert TU.turn_start_mask(turns, mask).tolist() == [[0, 1, 0, 0, 1, 0]]
+    assert TU.turn_end_mask(turns, mask).tolist() == [[0, 0, 1, 0, 1, 0]]
+    close(TU.broadcast_turns(torch.tensor([[0.3, -2.0]]), turns, mask), [[0, 0.3, 0.3, 0, -2.0, 0]])
     x = torch.tensor([[9.0, 1.0, 2.0, 9.0, 4.0, 9.0]])
-    close(A.turn_sums(x, turns, mask, 2), [[3.0, 4.0]])
-    close(A.gather_turn_starts(x, turns, mask, 2), [[1.0, 4.0]])
+    close(TU.turn_sums(x, turns, mask, 2), [[3.0, 4.0]])
+    close(TU.gather_turn_starts(x, turns, mask, 2), [[1.0, 4.0]])
 
 
 def test_turn_gae_estimator_by_hand() -> None:
@@ -130,10 +131,13 @@ def test_turn_gae_estimator_by_hand() -> None:
         turn_rewards_B_H=torch.tensor([[0.0, 1.0]]), turn_valid_B_H=torch.ones(1, 2),
         group_ids_B=torch.tensor([0]), values_B_T=values,
     )
-    out = A.ESTIMATORS["turn_gae"](inputs, A.AdvantageParams(gamma_turn=1.0, lam=0.5))
+    out, m = A.ESTIMATORS["turn_gae"](inputs, A.AdvantageParams(gamma_turn=1.0, lam=0.5))
     close(out.advantages_B_T, [[0, 0.1, 0.1, 0, 0.8, 0.8]])
     # value targets (A + V) only at the turn starts: 0.6 and 1.0
     close(out.returns_B_T * out.value_mask_B_T, [[0, 0.6, 0, 0, 1.0, 0]])
+    # explained variance over the turns: G = (0.6, 1.0), V = (0.5, 0.2), G - V = (0.1, 0.8);
+    # Var(G - V) = 0.245, Var(G) = 0.08 (n - 1) -> 1 - 0.245 / 0.08 = -2.0625
+    assert m["adv/explained_variance"] == pytest.approx(-2.0625)
 
 
 def test_group_norm_turn_credit_by_hand() -> None:
@@ -147,10 +151,10 @@ def test_group_norm_turn_credit_by_hand() -> None:
         turn_rewards_B_H=torch.tensor([[1.0, 0.0], [0.0, 0.0]]), turn_valid_B_H=torch.ones(2, 2),
         group_ids_B=torch.tensor([0, 0]),
     )
-    out = A.ESTIMATORS["group_norm"](inputs, A.AdvantageParams(credit="turn", scale="none"))
+    out, _ = A.ESTIMATORS["group_norm"](inputs, A.AdvantageParams(credit="turn", scale="none"))
     close(out.advantages_B_T, [[0, 0.75, -0.25], [0, -0.25, -0.25]])
     # episode credit: returns (1, 0) -> (0.5, -0.5) on every sampled token
-    out = A.ESTIMATORS["group_norm"](inputs, A.AdvantageParams(credit="episode", scale="none"))
+    out, _ = A.ESTIMATORS["group_norm"](inputs, A.AdvantageParams(credit="episode", scale="none"))
     close(out.advantages_B_T, [[0, 0.5, 0.5], [0, -0.5, -0.5]])
 
 

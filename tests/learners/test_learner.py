@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from taurl.config import load_config
 from taurl.errors import ConfigError, TrajectoryError
-from taurl.learners import PRESETS, AlgorithmOptions, Learner, LearnerConfig, LoraConfig
+from taurl.learners import PRESETS, AlgorithmOptions, Learner, LearnerConfig, LoraConfig, scoring
 from taurl.learners.batch import build_batch, pack_micro_batches
 from taurl.learners.model import policy_forward
 from taurl.learners.teacher import TokenizerMismatchError, privileged_prefix
@@ -135,7 +135,7 @@ def test_privileged_teacher_scores_the_students_exact_tokens(tiny_model: Path, t
     learner = Learner(LearnerConfig(algorithm="grpo_opd", device="cpu", dtype="float32"),
                       tiny_model)
     batch = build_batch(trajs, learner.device)
-    got = learner._privileged_logprobs(batch, trajs)
+    got = scoring.privileged_logprobs(learner, batch, trajs)
     tok = AutoTokenizer.from_pretrained(tiny_model)
     prefix = privileged_prefix(tok, CONTEXT)
     assert CONTEXT in tok.decode(prefix) and "system" in tok.decode(prefix)

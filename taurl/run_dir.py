@@ -1,0 +1,208 @@
+"""The files of one training run: config, checkpoints, metrics and samples.
+
+::
+
+    RUN_DIR/config.yaml             the config the run was started with
+    RUN_DIR/metrics.jsonl           one JSON line per iteration
+    RUN_DIR/samples.md              readable trajectories
+    RUN_DIR/tb/                     TensorBoard events (when asked for)
+    RUN_DIR/checkpoints/iter-N/     learner/ (resume), policy/ (a Hugging Face folder)
+    RUN_DIR/checkpoints/latest      the name of the newest complete checkpoint
+
+Every write is atomic (a temporary name, then a rename), so a run killed at any
+moment leaves the previous checkpoint and pointer intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+
+import numpy as np
+import torch
+import yaml
+
+from taurl.config import config_from_dict, config_to_dict, dump_config
+from taurl.errors import ConfigError
+from taurl.types import Trajectory
+
+if TYPE_CHECKING:
+    from taurl.learners import Learner
+
+C = TypeVar("C")
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class RunDir:
+    """The files of one run; writes are atomic (temp name, then rename)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.checkpoints = self.path / CHECKPOINTS
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.yaml"
+
+    def read_config(self, cls: type[C]) -> C:
+        """The config (of dataclass ``cls``) this run was started with."""
+        if not self.config_path.is_file():
+            raise ConfigError(
+                f"{self.config_path} does not exist; is {self.path} a run directory of `taurl train`?"
+            )
+        return config_from_dict(cls, yaml.safe_load(self.config_path.read_text()))
+
+    def init(self, cfg: object) -> None:
+        """Create the run directory for ``cfg``; refuse one that belongs to another run."""
+        if self.config_path.exists():
+            old = self.read_config(type(cfg))
+            if config_to_dict(old) != config_to_dict(cfg):
+                diff = _config_diff(config_to_dict(old), config_to_dict(cfg))
+                raise ConfigError(
+                    f"{self.path} already holds a run with a different config ({diff}); "
+                    "pick another run_dir, or `taurl train --resume` it with its own config"
+                )
+            if self.latest_checkpoint() is not None:
+                raise ConfigError(
+                    f"{self.path} already holds checkpoints of this config; continue it with "
+                    f"`taurl train --resume {self.path}`, or pick another run_dir"
+                )
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.checkpoints.mkdir(exist_ok=True)
+        tmp = self.path / ".config.yaml.tmp"
+        dump_config(cfg, tmp)
+        os.replace(tmp, self.config_path)
+
+    def latest_checkpoint(self) -> Path | None:
+        pointer = self.checkpoints / LATEST
+        if not pointer.is_file():
+            return None
+        ckpt = self.checkpoints / pointer.read_text().strip()
+        return ckpt if (ckpt / "trainer.json").is_file() else None
+
+    def save_checkpoint(
+        self, iteration: int, learner: Learner, keep: int, model_path: Path
+    ) -> Path:
+        """Write ``checkpoints/iter-N`` under a temp name, rename it, then move ``latest``.
+
+        ``iter-N/policy`` is a plain Hugging Face folder of the policy (what ``taurl eval
+        --model`` and vLLM load); ``iter-N/learner`` holds what resuming needs.
+        """
+        name = f"iter-{iteration:06d}"
+        tmp = self.checkpoints / f".{name}.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        learner.save(tmp / "learner")
+        export_policy(learner, model_path, tmp / "policy")
+        rng = {"python": random.getstate(), "numpy": np.random.get_state()}
+        torch.save(rng, tmp / "rng.pt")
+        (tmp / "trainer.json").write_text(json.dumps({"iteration": iteration}))
+        final = self.checkpoints / name
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _atomic_write(self.checkpoints / LATEST, name)
+        done = sorted(p for p in self.checkpoints.glob("iter-*") if p.is_dir())
+        for old in done[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def truncate_metrics(self, last_iteration: int) -> None:
+        """Drop metrics lines past ``last_iteration`` (written by an iteration that was lost)."""
+        path = self.path / "metrics.jsonl"
+        if not path.is_file():
+            return
+        keep = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("iteration", -1) <= last_iteration]
+        _atomic_write(path, "".join(f"{line}\n" for line in keep))
+
+
+def export_policy(learner: Learner, model_path: Path, out: Path) -> None:
+    """Write the learner's policy as a Hugging Face folder (config, tokenizer, safetensors)."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    for f in model_path.iterdir():
+        if f.is_file() and not f.name.endswith(".safetensors") and f.name != "taurl-model.json":
+            shutil.copy2(f, out / f.name)
+    # float32, and said so in config.json: RL updates at small learning rates are often
+    # below bf16's resolution, so a bf16 export can round the learned change away.
+    state = {k: v.contiguous() for k, v in learner.state_dict_for_sync(torch.float32).items()}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((out / "config.json").read_text())
+    config["dtype"] = "float32"
+    config.pop("torch_dtype", None)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def _config_diff(a: dict[str, object], b: dict[str, object], prefix: str = "") -> str:
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            d = _config_diff(va, vb, f"{prefix}{k}.")
+            if d:
+                return d
+        elif va != vb:
+            return f"{prefix}{k}: {va!r} there, {vb!r} now"
+    return ""
+
+
+
+def sample_text(t: Trajectory) -> str:
+    """One trajectory as Markdown, for ``samples.md``."""
+    lines = [f"### {t.env_id} {t.task_id} · return {t.episode_return:.2f} · {t.termination}"]
+    for m in t.messages:
+        lines.append(f"**{m.get('role')}**: {m.get('content')}")
+    return "\n\n".join(lines) + "\n\n"
+
+
+class MetricsLog:
+    """``metrics.jsonl`` (one fsynced line per iteration), and TensorBoard when asked for."""
+
+    def __init__(self, run: RunDir, tensorboard: bool) -> None:
+        self.path = run.path / "metrics.jsonl"
+        self.samples_path = run.path / "samples.md"
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run.path / "tb"))
+            except ImportError:
+                print("taurl: tensorboard is not installed; metrics go to metrics.jsonl only")
+
+    def log(self, iteration: int, metrics: dict[str, float]) -> None:
+        """Append one iteration's metrics."""
+        row = {"iteration": iteration, **metrics}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if self.tb is not None:
+            for k, v in metrics.items():
+                self.tb.add_scalar(k, v, iteration)
+            self.tb.flush()
+
+    def samples(self, iteration: int, trajectories: list[Trajectory]) -> None:
+        """Append ``trajectories`` to ``samples.md`` under the iteration's heading."""
+        with open(self.samples_path, "a", encoding="utf-8") as f:
+            f.write(f"## iteration {iteration}\n\n")
+            f.writelines(sample_text(t) for t in trajectories)
+
+    def close(self) -> None:
+        """Close the TensorBoard writer."""
+        if self.tb is not None:
+            self.tb.close()
