@@ -8,7 +8,15 @@ import math
 import pytest
 
 from taurl.rollout.eval import EnvResult, EvalReport, compare
-from taurl.rollout.metrics import mean_ci, paired_diff_ci, pass_at_k, student_t_quantile, summarize
+from taurl.rollout.metrics import (
+    batch_means,
+    mean_ci,
+    paired_diff_ci,
+    pass_at_k,
+    student_t_quantile,
+    summarize,
+    summarize_rollout,
+)
 from taurl.types import Trajectory
 
 
@@ -78,6 +86,30 @@ def test_summarize_hand_values():
     assert m.errors == 0
     # sampled tokens: 7 turns * 3 = 21 over 2 s
     assert m.sampled_tokens == 21 and m.tokens_per_s == pytest.approx(10.5)
+
+
+def test_rollout_summary_and_batch_means_count_as_the_eval_table_does():
+    trajs = [traj("A", 1.0, True, turns=2, calls=2, errors=1), traj("A", 0.0, False),
+             traj("B", -0.5, None, termination="max_turns", calls=1),
+             traj("B", 0.0, False, termination="error")]
+    trajs[0].info["finish_reasons"] = ["stop", "length"]
+    trajs[1].info["finish_reasons"] = ["length"]
+    s = summarize_rollout(trajs, wall_s=4.0)
+    # returns 1, 0, -0.5, 0 -> mean 0.125; 5 turns * 3 = 15 sampled tokens over 4 s
+    assert s.episodes == 4 and s.errors == 1 and s.mean_return == pytest.approx(0.125)
+    assert s.terminations == {"terminated": 2, "max_turns": 1, "error": 1}
+    assert s.sampled_tokens == 15 and s.tokens_per_s == pytest.approx(3.75)
+    m = batch_means(trajs)
+    assert m["rollout/return"] == pytest.approx(0.125) and m["rollout/success"] == 0.25
+    assert m["rollout/tool_calls"] == pytest.approx(3 / 4)
+    assert m["rollout/tool_errors"] == pytest.approx(1 / 4)
+    assert m["rollout/turns"] == pytest.approx(5 / 4)
+    # episode tokens: 1 prompt + 6, then 1 + 3 three times -> 19 / 4
+    assert m["rollout/episode_tokens"] == pytest.approx(19 / 4)
+    assert m["rollout/termination/error"] == 0.25 and m["rollout/termination/truncated"] == 0.0
+    # 3 generations, 2 cut at the token limit
+    assert m["rollout/stop/length"] == pytest.approx(2 / 3)
+    assert summarize(trajs, 4.0).terminations == s.terminations
 
 
 def test_compare_and_report():
