@@ -9,13 +9,16 @@ only the learner's config. Each iteration
 2. updates the policy with the learner (advantages = reward side, loss = trajectory side);
 3. loads the new weights into the inference engine (``policy_version`` goes up);
 4. every ``eval_every`` iterations, evaluates greedily on the held-out split;
-5. writes a checkpoint atomically and appends one line to ``metrics.jsonl``.
+5. writes a checkpoint atomically when one is due (``checkpoint_every``; by default
+   as often as keeps checkpoints within 5% of the run's time) and appends one line to
+   ``metrics.jsonl``.
 
 A run directory holds ``config.yaml`` (the config it was started with: a different
 one is refused), ``metrics.jsonl``, ``samples.md`` (readable trajectories),
 ``checkpoints/iter-N`` and ``checkpoints/latest``, and TensorBoard events.
 ``taurl train --resume RUN_DIR`` restarts from the latest checkpoint; a run killed
-at any moment loses at most the iteration in progress.
+at any moment loses at most the iterations since it (``checkpoint_every: 1``: only the
+iteration in progress).
 
 ``torchrun --nproc-per-node N -m taurl train CONFIG`` runs the learner data-parallel
 (``learner.parallel``: ddp or fsdp2): rank 0 owns the inference engine, rollout,
@@ -93,8 +96,11 @@ class TrainConfig:
     eval_every: int = 4
     # held-out tasks per evaluation (greedy, one sample each)
     eval_episodes: int = 32
-    # write a checkpoint every this many iterations (the last iteration is always saved)
-    checkpoint_every: int = 1
+    # write a checkpoint every this many iterations; 0 = when checkpoints stay within
+    # checkpoint_budget of the run time (the first and the last iteration are always saved)
+    checkpoint_every: int = 0
+    # auto checkpoints (checkpoint_every 0): the largest fraction of run time spent writing them
+    checkpoint_budget: float = 0.05
     # checkpoints kept on disk (the newest ones)
     keep_checkpoints: int = 2
     # trajectories per iteration appended to samples.md as text
@@ -103,10 +109,15 @@ class TrainConfig:
     tensorboard: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("iterations", "checkpoint_every", "keep_checkpoints"):
+        for name in ("iterations", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_every", "eval_episodes", "log_samples"):
+        if not 0 < self.checkpoint_budget < 1:
+            raise ConfigError(
+                f"checkpoint_budget must be in (0, 1), got {self.checkpoint_budget}; "
+                "0.05 = at most 5% of the run's time goes to checkpoints"
+            )
+        for name in ("eval_every", "eval_episodes", "log_samples", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.time_budget_min < 0:
@@ -207,6 +218,7 @@ async def train_async(
         await backend.update_weights(learner.state_dict_for_sync(sync_dtype(backend)), learner.policy_version)
         initial_sync_s = time.perf_counter() - t0
         agent = Agent(backend, tokenizer, cfg.rollout.agent)
+        checkpoints = CheckpointSchedule(cfg.checkpoint_every, cfg.checkpoint_budget, start_iter)
         for it in range(start_iter, cfg.iterations):
             metrics = await _iteration(cfg, logger, agent, backend, learner, it, make_env)
             if it == start_iter:
@@ -219,11 +231,11 @@ async def train_async(
                 t0 = time.perf_counter()
                 metrics.update(await _evaluate(cfg, agent, make_env))
                 metrics["timing/eval_s"] = time.perf_counter() - t0
-            if (it + 1) % cfg.checkpoint_every == 0 or last:
+            if last or checkpoints.due(it):
                 t0 = time.perf_counter()
                 _lead("save")
                 run.save_checkpoint(it, learner, cfg.keep_checkpoints, model_path)
-                metrics["timing/checkpoint_s"] = time.perf_counter() - t0
+                metrics["timing/checkpoint_s"] = checkpoints.saved(time.perf_counter() - t0)
             metrics["timing/elapsed_min"] = elapsed_min
             logger.log(it, metrics)
             _print_line(it, cfg.iterations, metrics)
@@ -238,6 +250,36 @@ async def train_async(
             ray_rollout.close()
         distributed.shutdown()
     return run.path
+
+
+class CheckpointSchedule:
+    """When to write a checkpoint: every ``every`` iterations, or (``every`` 0) by time.
+
+    By time, the first iteration of a run (or of a resume) is saved, which measures what
+    a checkpoint costs; after that, one is due once the time since the last one ended
+    is at least ``cost × (1 − budget) / budget``, so checkpoints take at most ``budget``
+    of the run's time. A killed run resumes from the newest checkpoint, as always: it
+    loses the iterations since then (at most about ``cost / budget`` seconds of work).
+    """
+
+    def __init__(self, every: int, budget: float, first: int) -> None:
+        self.every, self.budget, self.first = every, budget, first
+        self.cost = 0.0  # seconds the newest checkpoint took
+        self.last_end = time.perf_counter()
+
+    def due(self, iteration: int) -> bool:
+        """Whether iteration ``iteration`` (just finished) should be saved."""
+        if self.every:
+            return (iteration + 1) % self.every == 0
+        if iteration == self.first:
+            return True
+        since = time.perf_counter() - self.last_end
+        return since >= self.cost * (1 - self.budget) / self.budget
+
+    def saved(self, seconds: float) -> float:
+        """Record that a checkpoint took ``seconds``; return them."""
+        self.cost, self.last_end = seconds, time.perf_counter()
+        return seconds
 
 
 def _open_run(run: RunDir, cfg: TrainConfig, resume: bool) -> Path | None:

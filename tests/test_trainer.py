@@ -168,7 +168,7 @@ def test_sigkill_then_resume_loses_at_most_the_iteration_in_progress(tmp_path: P
         "model=tiny-random", f"run_dir={run_dir}", "iterations=4", f"rollout.env_id={ENV_ID}",
         "rollout.num_tasks=2", "rollout.samples_per_task=2", "rollout.progress=false",
         "rollout.agent.sampling.max_tokens=8", "rollout.agent.max_turns=2", "eval_every=0",
-        "tensorboard=false", "backend.kind=hf", "learner.lr=1e-3",
+        "tensorboard=false", "backend.kind=hf", "learner.lr=1e-3", "checkpoint_every=1",
     ]
     code = CLI_WITH_TEST_ENV
     proc = subprocess.Popen([sys.executable, "-c", code, "train", *args],
@@ -194,6 +194,23 @@ def test_sigkill_then_resume_loses_at_most_the_iteration_in_progress(tmp_path: P
     assert rows[-1]["policy_version"] == 4
     leftovers = [p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".")]
     assert leftovers == [] or all(n.endswith(".tmp") for n in leftovers)
+
+
+def test_auto_checkpoints_keep_within_their_time_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    from taurl import trainer
+
+    now = [0.0]
+    monkeypatch.setattr(trainer.time, "perf_counter", lambda: now[0])
+    s = trainer.CheckpointSchedule(every=0, budget=0.05, first=3)
+    assert s.due(3)  # the first iteration of a run or a resume measures the cost
+    now[0] = 2.0
+    s.saved(2.0)  # 2 s -> the next one is due 2 * 0.95 / 0.05 = 38 s after this one ended
+    now[0] = 39.0
+    assert not s.due(4)
+    now[0] = 40.0
+    assert s.due(5)
+    every = trainer.CheckpointSchedule(every=2, budget=0.05, first=0)
+    assert [every.due(i) for i in range(4)] == [False, True, False, True]
 
 
 def test_resume_refuses_extra_arguments(tmp_path: Path) -> None:
