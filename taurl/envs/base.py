@@ -42,18 +42,9 @@ from typing import ClassVar, SupportsFloat, cast
 import gymnasium
 import numpy as np
 
-from taurl.envs.tools import (
-    FINAL_ANSWER_TOOL,
-    TOOL_CALL_PARSERS,
-    Tool,
-    ToolCallParser,
-    ToolSchema,
-    as_tool,
-    call_tool,
-    final_answer,
-    format_tool_error,
-    format_tool_response,
-)
+from taurl.envs.tool_execution import call_tool, format_tool_error, format_tool_response
+from taurl.envs.tool_parsing import TOOL_CALL_PARSERS, ToolCallParser
+from taurl.envs.tools import FINAL_ANSWER_TOOL, Tool, ToolSchema, as_tool, final_answer
 from taurl.errors import ConfigError, EnvError
 from taurl.types import JSONValue, Message
 
@@ -297,7 +288,7 @@ class ToolEnv(TextEnv):
     :meth:`score` rates it, ending the episode.
 
     What counts as a tool call is the ``parser``'s decision. The default, ``"auto"``
-    (:class:`~taurl.envs.tools.LenientToolCallParser` bound to this env's tool
+    (:class:`~taurl.envs.tool_parsing.LenientToolCallParser` bound to this env's tool
     names), reads ``<tool_call>`` blocks and also the tag-less JSON small models
     write: a message that is a JSON call object, or ```` ```json ```` fences holding
     one; JSON that does not name one of the env's tools stays a final answer.
@@ -334,7 +325,7 @@ class ToolEnv(TextEnv):
             ``answer`` scored like a plain-text final answer.
         parser: How tool calls are found in text: ``"auto"`` (default; tags, JSON fences
             or a bare JSON call to one of ``tools``), ``"tags"`` (``<tool_call>`` blocks
-            only), or a :class:`~taurl.envs.tools.ToolCallParser` object. None means
+            only), or a :class:`~taurl.envs.tool_parsing.ToolCallParser` object. None means
             the default.
         system_prompt: Optional system message at the start of the first observation.
     """
