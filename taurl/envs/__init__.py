@@ -29,19 +29,9 @@ from collections.abc import Callable
 import gymnasium
 
 from taurl.envs.adapter import TextEnvAdapter
-from taurl.envs.base import (
-    SPLITS,
-    MessagesSpace,
-    Task,
-    TextEnv,
-    TextSpace,
-    ToolEnv,
-    Turn,
-    answer_tag,
-    last_number,
-    user,
-)
+from taurl.envs.base import SPLITS, Task, TextEnv, ToolEnv, Turn, answer_tag, last_number, user
 from taurl.envs.checker import EpisodeResult, check_env, run_episode
+from taurl.envs.spaces import MessagesSpace, TextSpace
 from taurl.envs.tool_execution import ToolResult, call_tool, validate_arguments
 from taurl.envs.tool_parsing import (
     LenientToolCallParser,

@@ -42,6 +42,7 @@ from typing import ClassVar, SupportsFloat, cast
 import gymnasium
 import numpy as np
 
+from taurl.envs.spaces import MessagesSpace, TextSpace
 from taurl.envs.tool_execution import call_tool, format_tool_error, format_tool_response
 from taurl.envs.tool_parsing import TOOL_CALL_PARSERS, ToolCallParser
 from taurl.envs.tools import FINAL_ANSWER_TOOL, Tool, ToolSchema, as_tool, final_answer
@@ -52,61 +53,6 @@ SPLITS: tuple[str, ...] = ("train", "heldout")
 
 Info = dict[str, JSONValue]
 """The ``info`` dict of ``reset`` and ``step``."""
-
-#: Roles an observation message may carry.
-ROLES: frozenset[str] = frozenset({"system", "user", "assistant", "tool"})
-
-
-class TextSpace(gymnasium.Space[str]):
-    """Any Python string up to ``max_length`` characters (gymnasium's ``Text`` limits the charset)."""
-
-    def __init__(self, max_length: int = 100_000, seed: int | None = None) -> None:
-        super().__init__(shape=None, dtype=None, seed=seed)
-        self.max_length = max_length
-
-    def sample(self, mask: None = None, probability: None = None) -> str:
-        length = int(self.np_random.integers(0, 64))
-        codes = self.np_random.integers(32, 127, size=length)
-        return "".join(chr(int(c)) for c in codes)
-
-    def contains(self, x: object) -> bool:
-        return isinstance(x, str) and len(x) <= self.max_length
-
-    @property
-    def is_np_flattenable(self) -> bool:
-        return False
-
-    def __repr__(self) -> str:
-        return f"TextSpace(max_length={self.max_length})"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, TextSpace) and other.max_length == self.max_length
-
-
-class MessagesSpace(gymnasium.Space[list]):
-    """A list of chat messages: dicts with a ``role`` in :data:`ROLES` and a string ``content``."""
-
-    def __init__(self, seed: int | None = None) -> None:
-        super().__init__(shape=None, dtype=None, seed=seed)
-
-    def sample(self, mask: None = None, probability: None = None) -> list[Message]:
-        return [{"role": "user", "content": TextSpace(seed=int(self.np_random.integers(2**31))).sample()}]
-
-    def contains(self, x: object) -> bool:
-        return isinstance(x, list) and all(
-            isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)
-            for m in x
-        )
-
-    @property
-    def is_np_flattenable(self) -> bool:
-        return False
-
-    def __repr__(self) -> str:
-        return "MessagesSpace()"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, MessagesSpace)
 
 
 @dataclass(frozen=True)
