@@ -94,7 +94,7 @@ def test_qwen05_is_tied_and_vllm_agrees_with_transformers_and_it_calls_tools(qwe
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from taurl.envs.calculator import CALCULATOR_TOOL
-    from taurl.envs.tools import LenientToolCallParser
+    from taurl.envs.tool_parsing import LenientToolCallParser
 
     tok = AutoTokenizer.from_pretrained(qwen05_path)
     model = AutoModelForCausalLM.from_pretrained(qwen05_path, dtype=torch.float32).eval()

@@ -17,8 +17,9 @@ id                              task                                   turn rewa
 ``taurl/Web-v0``                find facts on a local web site         final answer
 ==============================  =====================================  ============
 
-The environment contract is in :mod:`taurl.envs.base`; tools and tool-call parsing in
-:mod:`taurl.envs.tools`.
+The environment contract is in :mod:`taurl.envs.base`; tools and their schemas in
+:mod:`taurl.envs.tools`, tool-call parsing in :mod:`taurl.envs.tool_parsing`, running
+calls in :mod:`taurl.envs.tool_execution`.
 """
 
 from __future__ import annotations
@@ -28,30 +29,17 @@ from collections.abc import Callable
 import gymnasium
 
 from taurl.envs.adapter import TextEnvAdapter
-from taurl.envs.base import (
-    SPLITS,
-    MessagesSpace,
-    Task,
-    TextEnv,
-    TextSpace,
-    ToolEnv,
-    Turn,
-    answer_tag,
-    last_number,
-    user,
-)
+from taurl.envs.base import SPLITS, Task, TextEnv, ToolEnv, Turn, answer_tag, last_number, user
 from taurl.envs.checker import EpisodeResult, check_env, run_episode
-from taurl.envs.tools import (
+from taurl.envs.spaces import MessagesSpace, TextSpace
+from taurl.envs.tool_execution import ToolResult, call_tool, validate_arguments
+from taurl.envs.tool_parsing import (
     LenientToolCallParser,
     TagToolCallParser,
-    Tool,
     ToolCall,
     ToolCallParser,
-    ToolResult,
-    call_tool,
-    format_tool_prompt,
-    validate_arguments,
 )
+from taurl.envs.tools import Tool, format_tool_prompt
 
 __all__ = [
     "SPLITS",

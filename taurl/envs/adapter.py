@@ -16,7 +16,8 @@ from typing import ClassVar, SupportsFloat
 
 import gymnasium
 
-from taurl.envs.base import SPLITS, Info, MessagesSpace, TextSpace
+from taurl.envs.base import SPLITS, Info
+from taurl.envs.spaces import MessagesSpace, TextSpace
 from taurl.errors import ConfigError, EnvError
 from taurl.types import JSONValue, Message
 

@@ -42,18 +42,10 @@ from typing import ClassVar, SupportsFloat, cast
 import gymnasium
 import numpy as np
 
-from taurl.envs.tools import (
-    FINAL_ANSWER_TOOL,
-    TOOL_CALL_PARSERS,
-    Tool,
-    ToolCallParser,
-    ToolSchema,
-    as_tool,
-    call_tool,
-    final_answer,
-    format_tool_error,
-    format_tool_response,
-)
+from taurl.envs.spaces import MessagesSpace, TextSpace
+from taurl.envs.tool_execution import call_tool, format_tool_error, format_tool_response
+from taurl.envs.tool_parsing import TOOL_CALL_PARSERS, ToolCallParser
+from taurl.envs.tools import FINAL_ANSWER_TOOL, Tool, ToolSchema, as_tool, final_answer
 from taurl.errors import ConfigError, EnvError
 from taurl.types import JSONValue, Message
 
@@ -61,61 +53,6 @@ SPLITS: tuple[str, ...] = ("train", "heldout")
 
 Info = dict[str, JSONValue]
 """The ``info`` dict of ``reset`` and ``step``."""
-
-#: Roles an observation message may carry.
-ROLES: frozenset[str] = frozenset({"system", "user", "assistant", "tool"})
-
-
-class TextSpace(gymnasium.Space[str]):
-    """Any Python string up to ``max_length`` characters (gymnasium's ``Text`` limits the charset)."""
-
-    def __init__(self, max_length: int = 100_000, seed: int | None = None) -> None:
-        super().__init__(shape=None, dtype=None, seed=seed)
-        self.max_length = max_length
-
-    def sample(self, mask: None = None, probability: None = None) -> str:
-        length = int(self.np_random.integers(0, 64))
-        codes = self.np_random.integers(32, 127, size=length)
-        return "".join(chr(int(c)) for c in codes)
-
-    def contains(self, x: object) -> bool:
-        return isinstance(x, str) and len(x) <= self.max_length
-
-    @property
-    def is_np_flattenable(self) -> bool:
-        return False
-
-    def __repr__(self) -> str:
-        return f"TextSpace(max_length={self.max_length})"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, TextSpace) and other.max_length == self.max_length
-
-
-class MessagesSpace(gymnasium.Space[list]):
-    """A list of chat messages: dicts with a ``role`` in :data:`ROLES` and a string ``content``."""
-
-    def __init__(self, seed: int | None = None) -> None:
-        super().__init__(shape=None, dtype=None, seed=seed)
-
-    def sample(self, mask: None = None, probability: None = None) -> list[Message]:
-        return [{"role": "user", "content": TextSpace(seed=int(self.np_random.integers(2**31))).sample()}]
-
-    def contains(self, x: object) -> bool:
-        return isinstance(x, list) and all(
-            isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)
-            for m in x
-        )
-
-    @property
-    def is_np_flattenable(self) -> bool:
-        return False
-
-    def __repr__(self) -> str:
-        return "MessagesSpace()"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, MessagesSpace)
 
 
 @dataclass(frozen=True)
@@ -297,7 +234,7 @@ class ToolEnv(TextEnv):
     :meth:`score` rates it, ending the episode.
 
     What counts as a tool call is the ``parser``'s decision. The default, ``"auto"``
-    (:class:`~taurl.envs.tools.LenientToolCallParser` bound to this env's tool
+    (:class:`~taurl.envs.tool_parsing.LenientToolCallParser` bound to this env's tool
     names), reads ``<tool_call>`` blocks and also the tag-less JSON small models
     write: a message that is a JSON call object, or ```` ```json ```` fences holding
     one; JSON that does not name one of the env's tools stays a final answer.
@@ -334,7 +271,7 @@ class ToolEnv(TextEnv):
             ``answer`` scored like a plain-text final answer.
         parser: How tool calls are found in text: ``"auto"`` (default; tags, JSON fences
             or a bare JSON call to one of ``tools``), ``"tags"`` (``<tool_call>`` blocks
-            only), or a :class:`~taurl.envs.tools.ToolCallParser` object. None means
+            only), or a :class:`~taurl.envs.tool_parsing.ToolCallParser` object. None means
             the default.
         system_prompt: Optional system message at the start of the first observation.
     """

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 
 import gymnasium
 
-from taurl.envs.base import ROLES, Info
+from taurl.envs.base import Info
+from taurl.envs.spaces import ROLES
 from taurl.errors import EnvError
 from taurl.types import Message
 

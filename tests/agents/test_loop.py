@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import taurl.envs  # noqa: F401 - registers the built-in environments
 from taurl.agents.loop import Agent, AgentConfig
-from taurl.envs.tools import TagToolCallParser, ToolCall
+from taurl.envs.tool_parsing import TagToolCallParser, ToolCall
 from taurl.types import SamplingParams, Trajectory
 
 pytestmark = pytest.mark.vllm
