@@ -31,6 +31,7 @@ import abc
 import asyncio
 import collections
 import concurrent.futures
+import dataclasses
 import difflib
 import importlib
 import json
@@ -240,6 +241,67 @@ class BackgroundLoop:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join()
         self.loop.close()
+
+
+class LoopBackend(InferenceBackend):
+    """A backend whose engine, client or model lives on its own :class:`BackgroundLoop`.
+
+    ``generate`` checks the prompt, clips ``sampling.max_tokens`` to the room left
+    and awaits :meth:`_generate` on ``self._loop`` (a backend closed by then raises
+    ``BackendError``); ``close`` runs :meth:`_shutdown` there, stops the loop, then
+    calls :meth:`_after_stop`. A subclass sets ``self._loop`` in its constructor and
+    writes those three methods.
+    """
+
+    _loop: BackgroundLoop
+    _closed: bool = False
+
+    async def generate(
+        self,
+        prompt_token_ids: list[int],
+        sampling: SamplingParams,
+        *,
+        session_id: str | None = None,
+    ) -> Generation:
+        """Sample one continuation; see :meth:`InferenceBackend.generate`."""
+        max_tokens = check_prompt(prompt_token_ids, sampling, self.max_model_len)
+        sampling = dataclasses.replace(sampling, max_tokens=max_tokens)
+        prompt = list(prompt_token_ids)
+        return await self._loop.run(self._generate_open(prompt, sampling, session_id))
+
+    async def _generate_open(
+        self, prompt: list[int], sampling: SamplingParams, session_id: str | None
+    ) -> Generation:
+        # checked on the loop: a request queued behind close() fails instead of starting
+        if self._closed:
+            raise BackendError(f"{type(self).__name__} is closed; create a new one")
+        return await self._generate(prompt, sampling, session_id)
+
+    @abc.abstractmethod
+    async def _generate(
+        self, prompt: list[int], sampling: SamplingParams, session_id: str | None
+    ) -> Generation:
+        """Sample on ``self._loop``; ``sampling.max_tokens`` already fits the context."""
+
+    async def close(self) -> None:
+        """Release engines, processes and connections, and stop the loop thread. Idempotent."""
+        self.close_sync()
+
+    def close_sync(self) -> None:
+        """:meth:`close` for code without an event loop (fixtures, ``atexit``)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._loop.run_sync(self._shutdown())
+        self._loop.stop()
+        self._after_stop()
+
+    @abc.abstractmethod
+    async def _shutdown(self) -> None:
+        """Release what lives on ``self._loop`` (tasks, engines, connections)."""
+
+    def _after_stop(self) -> None:
+        """Release what outlives the loop (processes, actors); nothing by default."""
 
 
 def write_weights_dir(

@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import dataclasses
 import os
 import re
 import time
@@ -37,9 +36,8 @@ from typing import TYPE_CHECKING, TypeAlias
 
 from taurl.agents.backend import (
     BackgroundLoop,
-    InferenceBackend,
+    LoopBackend,
     SessionRouter,
-    check_prompt,
     make_backend,
 )
 from taurl.errors import BackendError, ConfigError
@@ -199,7 +197,7 @@ class _Engine:
     info: dict[str, JSONValue] = field(default_factory=dict)
 
 
-class RayBackend(InferenceBackend):
+class RayBackend(LoopBackend):
     """``num_engines`` engine actors behind the backend interface (see the module docstring).
 
     Building one starts the actors and blocks until every engine is ready. This
@@ -255,7 +253,6 @@ class RayBackend(InferenceBackend):
         self._router = SessionRouter(MAX_SESSIONS)
         self._engines: list[_Engine] = []
         self._replacing: set[asyncio.Task[None]] = set()
-        self._closed = False
         self._loop = BackgroundLoop(name="taurl-ray")
         try:
             self._loop.run_sync(self._start())
@@ -405,25 +402,11 @@ class RayBackend(InferenceBackend):
 
     # -- generation ----------------------------------------------------------------
 
-    async def generate(
-        self,
-        prompt_token_ids: list[int],
-        sampling: SamplingParams,
-        *,
-        session_id: str | None = None,
-    ) -> Generation:
-        """Sample one continuation; see :meth:`InferenceBackend.generate`."""
-        max_tokens = check_prompt(prompt_token_ids, sampling, self.max_model_len)
-        sampling = dataclasses.replace(sampling, max_tokens=max_tokens)
-        return await self._loop.run(self._generate(list(prompt_token_ids), sampling, session_id))
-
     async def _generate(
         self, prompt: list[int], sampling: SamplingParams, session_id: str | None
     ) -> Generation:
         from ray.exceptions import RayTaskError
 
-        if self._closed:
-            raise BackendError("RayBackend is closed; create a new one")
         self.stats["requests"] += 1
         while True:
             i = await self._pick(session_id)
@@ -491,22 +474,8 @@ class RayBackend(InferenceBackend):
 
     # -- lifecycle -----------------------------------------------------------------
 
-    async def close(self) -> None:
-        """Shut every engine down and remove the actors. Idempotent."""
-        self.close_sync()
-
-    def close_sync(self) -> None:
-        """:meth:`close` for code without an event loop."""
-        if self._closed:
-            return
-        self._closed = True
-        self._loop.run_sync(self._shutdown())
-        self._loop.stop()
-        for engine in self._engines:
-            kill_actor(engine.handle)
-        self._weights = (None, 0)
-
     async def _shutdown(self) -> None:
+        """Stop replacements under way and close every live engine."""
         for task in list(self._replacing):
             task.cancel()
         handles = [e.handle for e in self._engines if e.healthy]
@@ -515,6 +484,12 @@ class RayBackend(InferenceBackend):
             closing = asyncio.gather(*(h.close.remote() for h in handles), return_exceptions=True)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(closing, 60)
+
+    def _after_stop(self) -> None:
+        """Remove the engine actors and drop the weights' object-store reference."""
+        for engine in self._engines:
+            kill_actor(engine.handle)
+        self._weights = (None, 0)
 
 
 #: A state dict as the object store holds it: name -> (bytes as a uint8 array, dtype, shape).
