@@ -39,9 +39,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from taurl.agents.backend import BackendConfig, InferenceBackend, make_backend
+from taurl.agents.backend import InferenceBackend, make_backend
+from taurl.agents.config import BackendConfig, RayConfig
 from taurl.agents.loop import Agent, AgentConfig
-from taurl.agents.ray_backend import RayConfig
 from taurl.config import config_from_dict, config_to_dict, dump_config
 from taurl.errors import ConfigError, TaurlError
 from taurl.learners import AlgorithmOptions, Learner, LearnerConfig, distributed

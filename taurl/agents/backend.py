@@ -39,12 +39,12 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Callable, Coroutine, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Self, TypeVar
 
-from taurl.errors import BackendError, ConfigError
-from taurl.types import Generation, JSONValue, SamplingParams
+from taurl.agents.config import BACKENDS
+from taurl.errors import BackendError
+from taurl.types import Generation, SamplingParams
 
 if TYPE_CHECKING:
     import torch
@@ -147,30 +147,8 @@ class InferenceBackend(abc.ABC):
         await self.close()
 
 
-#: Backend kind → "module:class", imported only when that kind is made.
-BACKENDS: dict[str, str] = {
-    "vllm": "taurl.agents.vllm_backend:VLLMBackend",
-    "vllm-server": "taurl.agents.server_backend:VLLMServerBackend",
-    "hf": "taurl.agents.hf_backend:HFBackend",
-}
-
-
-@dataclass
-class BackendConfig:
-    """Which inference backend samples, and its constructor options."""
-
-    # "vllm" (in-process, default), "vllm-server" (HTTP replicas) or "hf" (transformers)
-    kind: str = "vllm"
-    # constructor arguments of that backend, e.g. {dtype: bfloat16, max_model_len: 2048}
-    options: dict[str, JSONValue] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.kind not in BACKENDS:
-            raise ConfigError(f"BackendConfig.kind must be one of {sorted(BACKENDS)}, got {self.kind!r}")
-
-
 def make_backend(kind: str, model: str | Path, **options: object) -> InferenceBackend:
-    """Build the backend ``kind`` (a key of :data:`BACKENDS`) serving ``model``.
+    """Build the backend ``kind`` (a key of :data:`taurl.agents.config.BACKENDS`) serving ``model``.
 
     ``model`` is anything :func:`taurl.models.resolve_model` accepts; ``options`` go
     to the backend's constructor (see its docstring). An unknown kind lists the

@@ -17,8 +17,7 @@ trainer) talks to all of them through :class:`RayBackend`:
   would have. ``stats["restarts"]`` counts replacements.
 
 Nothing here imports Ray at module level: ``taurl`` without ``ray.address`` never
-loads it. :class:`RayConfig` is the ``ray:`` section of the train, rollout and eval
-configs.
+loads it. The ``ray:`` config section is :class:`taurl.agents.config.RayConfig`.
 """
 
 from __future__ import annotations
@@ -27,7 +26,6 @@ import asyncio
 import collections
 import contextlib
 import os
-import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -40,6 +38,7 @@ from taurl.agents.backend import (
     SessionRouter,
     make_backend,
 )
+from taurl.agents.config import RayConfig
 from taurl.errors import BackendError, ConfigError
 from taurl.models import resolve_model
 from taurl.types import Generation, JSONValue, SamplingParams
@@ -51,72 +50,6 @@ if TYPE_CHECKING:
 
 #: Sessions remembered for engine affinity; the oldest are forgotten first.
 MAX_SESSIONS = 100_000
-_ADDRESS = re.compile(r"^(local|auto|ray://\S+|[\w.-]+:\d+)$")
-
-
-@dataclass
-class RayConfig:
-    """Where the rollout runs on Ray: inference engines and environment workers as actors."""
-
-    # "" = no Ray (one process, nothing imports Ray); "local" = start a cluster on this machine; "auto" = join the running one; or "ray://host:port"
-    address: str = ""
-    # inference engine actors, each one backend.kind engine (one per GPU, or one per node on CPU)
-    num_engines: int = 1
-    # logical CPUs each engine actor reserves
-    cpus_per_engine: float = 1.0
-    # GPUs each engine actor reserves; None = 1 when the cluster has GPUs, else 0
-    gpus_per_engine: float | None = None
-    # environment worker actors (0 = environments run in the driver's threads, as without Ray)
-    env_workers: int = 0
-    # logical CPUs each environment worker reserves
-    cpus_per_env_worker: float = 1.0
-    # environments one worker steps at the same time (its threads)
-    env_threads_per_worker: int = 16
-    # replacements of a dead actor (per engine, per env worker) before the run gives up on it
-    max_restarts: int = 3
-    # seconds an actor may take to start (an engine loads its model) before that is an error
-    start_timeout_s: float = 900.0
-    # logical CPUs of a "local" cluster; None = the machine's count, raised to what the actors reserve
-    num_cpus: int | None = None
-    # environment variables set in every actor, e.g. {VLLM_CPU_KVCACHE_SPACE: "1"}
-    env_vars: dict[str, str] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.address and not _ADDRESS.match(self.address):
-            raise ConfigError(
-                f"ray.address must be '' (off), 'local', 'auto', 'ray://host:port' or "
-                f"'host:port', got {self.address!r}"
-            )
-        for name in ("num_engines", "env_threads_per_worker"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"ray.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("cpus_per_engine", "cpus_per_env_worker", "env_workers", "max_restarts"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"ray.{name} must be >= 0, got {getattr(self, name)}")
-        if self.gpus_per_engine is not None and self.gpus_per_engine < 0:
-            raise ConfigError(
-                f"ray.gpus_per_engine must be >= 0 or None (1 when the cluster has GPUs), "
-                f"got {self.gpus_per_engine}"
-            )
-        if self.start_timeout_s <= 0:
-            raise ConfigError(f"ray.start_timeout_s must be > 0, got {self.start_timeout_s}")
-        if self.num_cpus is not None:
-            if self.num_cpus < 1:
-                raise ConfigError(f"ray.num_cpus must be >= 1 or None, got {self.num_cpus}")
-            if self.address != "local":
-                raise ConfigError(
-                    f"ray.num_cpus sizes a cluster this process starts (address 'local'); with "
-                    f"address {self.address!r} the cluster has its own size: drop ray.num_cpus"
-                )
-
-    @property
-    def enabled(self) -> bool:
-        """True when the rollout runs on Ray."""
-        return bool(self.address)
-
-    def cpus_reserved(self) -> float:
-        """Logical CPUs the engine and environment actors reserve together."""
-        return self.num_engines * self.cpus_per_engine + self.env_workers * self.cpus_per_env_worker
 
 
 def connect_ray(config: RayConfig) -> bool:

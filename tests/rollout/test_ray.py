@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from taurl.agents.ray_backend import RayConfig
+from taurl.agents.config import RayConfig
 from taurl.config import load_config
 from taurl.errors import ConfigError
 from taurl.types import SamplingParams
