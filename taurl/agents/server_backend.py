@@ -64,8 +64,6 @@ RETRYABLE_ERRORS = (
     httpx.RemoteProtocolError,
     httpx.PoolTimeout,
 )
-#: Sessions remembered for replica affinity; the oldest are forgotten first.
-MAX_SESSIONS = 100_000
 
 
 class ServerError(BackendError):
@@ -187,7 +185,7 @@ class VLLMServerBackend(LoopBackend):
         else:
             self._log_dir = None
             self.replicas = [Replica(url=u.rstrip("/")) for u in urls or ()]
-        self._router = SessionRouter(MAX_SESSIONS)
+        self._router = SessionRouter()
         self._loop = BackgroundLoop(name="taurl-vllm-server")
         try:
             self._loop.run_sync(self._start(request_timeout))
