@@ -31,6 +31,7 @@ import abc
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import difflib
 import importlib
@@ -38,7 +39,7 @@ import json
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Self, TypeVar
 
@@ -282,15 +283,16 @@ class LoopBackend(InferenceBackend):
         """Release what outlives the loop (processes, actors); nothing by default."""
 
 
-def write_weights_dir(
+@contextlib.contextmanager
+def weights_checkpoint(
     state_dict: Mapping[str, torch.Tensor], config_dir: Path, parent: Path | None = None
-) -> Path:
-    """Write ``state_dict`` as a one-file HF checkpoint vLLM's ``reload_weights`` reads.
+) -> Iterator[Path]:
+    """A one-file HF checkpoint of ``state_dict`` that vLLM's ``reload_weights`` reads.
 
     The new folder (under ``parent``, default the system temp dir) holds the model's
-    ``config.json`` copied from ``config_dir`` and ``model.safetensors``. Tensors that
-    share storage (tied embeddings) are cloned, since safetensors refuses aliases.
-    The caller deletes the folder (:func:`remove_weights_dir`).
+    ``config.json`` copied from ``config_dir`` and ``model.safetensors``; it is deleted
+    when the ``with`` block ends. Tensors that share storage (tied embeddings) are
+    cloned, since safetensors refuses aliases.
     """
     from safetensors.torch import save_file
 
@@ -307,15 +309,9 @@ def write_weights_dir(
             seen.add(t.untyped_storage().data_ptr())
             tensors[name] = t
         save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    except BaseException:
+        yield out
+    finally:
         shutil.rmtree(out, ignore_errors=True)
-        raise
-    return out
-
-
-def remove_weights_dir(path: Path) -> None:
-    """Delete a folder made by :func:`write_weights_dir`."""
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def model_max_len(model_dir: Path) -> int:

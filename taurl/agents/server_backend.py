@@ -44,8 +44,7 @@ from taurl.agents.backend import (
     BackgroundLoop,
     LoopBackend,
     SessionRouter,
-    remove_weights_dir,
-    write_weights_dir,
+    weights_checkpoint,
 )
 from taurl.agents.vllm_worker import RELOAD_METHOD, WORKER_EXTENSION
 from taurl.errors import BackendError
@@ -361,11 +360,8 @@ class VLLMServerBackend(LoopBackend):
         Each replica is paused in ``"wait"`` mode (its in-flight requests finish with
         the old weights), reloads the checkpoint, drops its prefix cache, resumes.
         """
-        path = write_weights_dir(state_dict, self.model_path, parent=self.weights_dir)
-        try:
+        with weights_checkpoint(state_dict, self.model_path, parent=self.weights_dir) as path:
             await self._loop.run(self._reload_all(path))
-        finally:
-            remove_weights_dir(path)
         self.policy_version = version
 
     async def _reload_all(self, path: Path) -> None:

@@ -44,9 +44,8 @@ from typing import TYPE_CHECKING, Literal
 from taurl.agents.backend import (
     BackgroundLoop,
     LoopBackend,
-    remove_weights_dir,
     torch_dtype_of,
-    write_weights_dir,
+    weights_checkpoint,
 )
 from taurl.agents.vllm_worker import RELOAD_METHOD, WORKER_EXTENSION
 from taurl.errors import BackendError
@@ -232,11 +231,8 @@ class VLLMBackend(LoopBackend):
         ``"wait"`` mode), then the prefix cache — computed with the old weights — is
         dropped.
         """
-        path = write_weights_dir(state_dict, self.model_path)
-        try:
+        with weights_checkpoint(state_dict, self.model_path) as path:
             await self._loop.run(self._reload(path))
-        finally:
-            remove_weights_dir(path)
         self.policy_version = version
 
     async def _reload(self, path: Path) -> None:
