@@ -46,8 +46,9 @@ import psutil
 from transformers import AutoTokenizer
 
 from taurl.agents.backend import InferenceBackend
+from taurl.agents.config import RayConfig
 from taurl.agents.loop import Agent, AgentConfig
-from taurl.agents.ray_backend import RayBackend, RayConfig
+from taurl.agents.ray_backend import RayBackend
 from taurl.agents.vllm_backend import VLLMBackend
 from taurl.models import resolve_model
 from taurl.rollout.runner import RolloutConfig, RolloutResult, run_rollout

@@ -40,9 +40,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from taurl.agents.backend import BackendConfig, InferenceBackend, make_backend
+from taurl.agents.backend import InferenceBackend, make_backend
+from taurl.agents.config import BackendConfig, RayConfig
 from taurl.agents.loop import Agent, AgentConfig
-from taurl.agents.ray_backend import RayConfig
 from taurl.errors import ConfigError, TaurlError
 from taurl.learners import AlgorithmOptions, Learner, LearnerConfig, distributed
 from taurl.models import resolve_model

@@ -122,10 +122,10 @@ def test_a_base_keeps_every_field_the_data_does_not_name(tmp_path) -> None:
 
 def test_every_config_class_rejects_bad_values_with_config_error() -> None:
     """One error type for bad settings (the CLI prints TaurlErrors cleanly, not tracebacks)."""
+    from taurl.agents.config import BackendConfig, RayConfig
     from taurl.agents.loop import AgentConfig
     from taurl.envs.sandbox import SandboxConfig, SandboxLimits
     from taurl.errors import ConfigError
-    from taurl.rollout.commands import BackendConfig
     from taurl.rollout.eval import EvalConfig
     from taurl.rollout.runner import RolloutConfig
     from taurl.types import SamplingParams
@@ -137,6 +137,8 @@ def test_every_config_class_rejects_bad_values_with_config_error() -> None:
         lambda: RolloutConfig(split="dev"),
         lambda: EvalConfig(envs=[]),
         lambda: BackendConfig(kind="nope"),
+        lambda: RayConfig(address="nowhere"),
+        lambda: RayConfig(num_engines=0),
         lambda: SandboxLimits(timeout_s=0),
         lambda: SandboxConfig(workers=0),
     ]

@@ -4,8 +4,9 @@ The backends themselves (vLLM, HTTP server, transformers) are imported lazily by
 :func:`make_backend`, so importing this package loads neither vLLM nor torch.
 """
 
-from taurl.agents.backend import BACKENDS, InferenceBackend, make_backend
+from taurl.agents.backend import InferenceBackend, make_backend
 from taurl.agents.chat import Bridge, ChatRenderer, DriftReport
+from taurl.agents.config import BACKENDS
 from taurl.agents.loop import Agent, AgentConfig, derive_seed
 
 __all__ = [

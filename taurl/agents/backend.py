@@ -31,19 +31,21 @@ import abc
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
+import dataclasses
 import difflib
 import importlib
 import json
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable, Coroutine, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Self, TypeVar
 
-from taurl.errors import BackendError, ConfigError
-from taurl.types import Generation, JSONValue, SamplingParams
+from taurl.agents.config import BACKENDS
+from taurl.errors import BackendError
+from taurl.types import Generation, SamplingParams
 
 if TYPE_CHECKING:
     import torch
@@ -146,30 +148,8 @@ class InferenceBackend(abc.ABC):
         await self.close()
 
 
-#: Backend kind → "module:class", imported only when that kind is made.
-BACKENDS: dict[str, str] = {
-    "vllm": "taurl.agents.vllm_backend:VLLMBackend",
-    "vllm-server": "taurl.agents.server_backend:VLLMServerBackend",
-    "hf": "taurl.agents.hf_backend:HFBackend",
-}
-
-
-@dataclass
-class BackendConfig:
-    """Which inference backend samples, and its constructor options."""
-
-    # "vllm" (in-process, default), "vllm-server" (HTTP replicas) or "hf" (transformers)
-    kind: str = "vllm"
-    # constructor arguments of that backend, e.g. {dtype: bfloat16, max_model_len: 2048}
-    options: dict[str, JSONValue] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.kind not in BACKENDS:
-            raise ConfigError(f"BackendConfig.kind must be one of {sorted(BACKENDS)}, got {self.kind!r}")
-
-
 def make_backend(kind: str, model: str | Path, **options: object) -> InferenceBackend:
-    """Build the backend ``kind`` (a key of :data:`BACKENDS`) serving ``model``.
+    """Build the backend ``kind`` (a key of :data:`taurl.agents.config.BACKENDS`) serving ``model``.
 
     ``model`` is anything :func:`taurl.models.resolve_model` accepts; ``options`` go
     to the backend's constructor (see its docstring). An unknown kind lists the
@@ -242,15 +222,77 @@ class BackgroundLoop:
         self.loop.close()
 
 
-def write_weights_dir(
+class LoopBackend(InferenceBackend):
+    """A backend whose engine, client or model lives on its own :class:`BackgroundLoop`.
+
+    ``generate`` checks the prompt, clips ``sampling.max_tokens`` to the room left
+    and awaits :meth:`_generate` on ``self._loop`` (a backend closed by then raises
+    ``BackendError``); ``close`` runs :meth:`_shutdown` there, stops the loop, then
+    calls :meth:`_after_stop`. A subclass sets ``self._loop`` in its constructor and
+    writes those three methods.
+    """
+
+    _loop: BackgroundLoop
+    _closed: bool = False
+
+    async def generate(
+        self,
+        prompt_token_ids: list[int],
+        sampling: SamplingParams,
+        *,
+        session_id: str | None = None,
+    ) -> Generation:
+        """Sample one continuation; see :meth:`InferenceBackend.generate`."""
+        max_tokens = check_prompt(prompt_token_ids, sampling, self.max_model_len)
+        sampling = dataclasses.replace(sampling, max_tokens=max_tokens)
+        prompt = list(prompt_token_ids)
+        return await self._loop.run(self._generate_open(prompt, sampling, session_id))
+
+    async def _generate_open(
+        self, prompt: list[int], sampling: SamplingParams, session_id: str | None
+    ) -> Generation:
+        # checked on the loop: a request queued behind close() fails instead of starting
+        if self._closed:
+            raise BackendError(f"{type(self).__name__} is closed; create a new one")
+        return await self._generate(prompt, sampling, session_id)
+
+    @abc.abstractmethod
+    async def _generate(
+        self, prompt: list[int], sampling: SamplingParams, session_id: str | None
+    ) -> Generation:
+        """Sample on ``self._loop``; ``sampling.max_tokens`` already fits the context."""
+
+    async def close(self) -> None:
+        """Release engines, processes and connections, and stop the loop thread. Idempotent."""
+        self.close_sync()
+
+    def close_sync(self) -> None:
+        """:meth:`close` for code without an event loop (fixtures, ``atexit``)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._loop.run_sync(self._shutdown())
+        self._loop.stop()
+        self._after_stop()
+
+    @abc.abstractmethod
+    async def _shutdown(self) -> None:
+        """Release what lives on ``self._loop`` (tasks, engines, connections)."""
+
+    def _after_stop(self) -> None:
+        """Release what outlives the loop (processes, actors); nothing by default."""
+
+
+@contextlib.contextmanager
+def weights_checkpoint(
     state_dict: Mapping[str, torch.Tensor], config_dir: Path, parent: Path | None = None
-) -> Path:
-    """Write ``state_dict`` as a one-file HF checkpoint vLLM's ``reload_weights`` reads.
+) -> Iterator[Path]:
+    """A one-file HF checkpoint of ``state_dict`` that vLLM's ``reload_weights`` reads.
 
     The new folder (under ``parent``, default the system temp dir) holds the model's
-    ``config.json`` copied from ``config_dir`` and ``model.safetensors``. Tensors that
-    share storage (tied embeddings) are cloned, since safetensors refuses aliases.
-    The caller deletes the folder (:func:`remove_weights_dir`).
+    ``config.json`` copied from ``config_dir`` and ``model.safetensors``; it is deleted
+    when the ``with`` block ends. Tensors that share storage (tied embeddings) are
+    cloned, since safetensors refuses aliases.
     """
     from safetensors.torch import save_file
 
@@ -267,15 +309,9 @@ def write_weights_dir(
             seen.add(t.untyped_storage().data_ptr())
             tensors[name] = t
         save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    except BaseException:
+        yield out
+    finally:
         shutil.rmtree(out, ignore_errors=True)
-        raise
-    return out
-
-
-def remove_weights_dir(path: Path) -> None:
-    """Delete a folder made by :func:`write_weights_dir`."""
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def model_max_len(model_dir: Path) -> int:

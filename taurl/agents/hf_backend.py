@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from taurl.agents.backend import BackgroundLoop, InferenceBackend, check_prompt, torch_dtype_of
+from taurl.agents.backend import BackgroundLoop, LoopBackend, torch_dtype_of
 from taurl.errors import BackendError
 from taurl.models import cpu_has_native_bf16, resolve_model
 from taurl.types import FinishReason, Generation, SamplingParams
@@ -31,15 +31,14 @@ if TYPE_CHECKING:
 @dataclass
 class _Request:
     prompt: list[int]
-    sampling: SamplingParams
-    max_tokens: int
+    sampling: SamplingParams  # max_tokens already clipped to the context
     future: asyncio.Future[Generation]
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     finish: FinishReason | None = None
 
 
-class HFBackend(InferenceBackend):
+class HFBackend(LoopBackend):
     """A transformers causal LM behind the backend interface.
 
     Args:
@@ -99,7 +98,6 @@ class HFBackend(InferenceBackend):
         self.max_model_len = max_model_len
         self.policy_version = 0
         self._rng = random.Random(seed)
-        self._closed = False
         self._loop = BackgroundLoop(name="taurl-hf")
         self._queue: list[_Request] = []
         self._wakeup = asyncio.Event()
@@ -112,24 +110,11 @@ class HFBackend(InferenceBackend):
 
     # -- generation ----------------------------------------------------------------
 
-    async def generate(
-        self,
-        prompt_token_ids: list[int],
-        sampling: SamplingParams,
-        *,
-        session_id: str | None = None,
+    async def _generate(
+        self, prompt: list[int], sampling: SamplingParams, session_id: str | None
     ) -> Generation:
-        """Sample one continuation; see :meth:`InferenceBackend.generate`."""
-        max_tokens = check_prompt(prompt_token_ids, sampling, self.max_model_len)
-        return await self._loop.run(self._enqueue(list(prompt_token_ids), sampling, max_tokens))
-
-    async def _enqueue(
-        self, prompt: list[int], sampling: SamplingParams, max_tokens: int
-    ) -> Generation:
-        if self._closed:
-            raise BackendError("HFBackend is closed; create a new one")
         future: asyncio.Future[Generation] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Request(prompt, sampling, max_tokens, future))
+        self._queue.append(_Request(prompt, sampling, future))
         self._wakeup.set()
         return await future
 
@@ -174,7 +159,7 @@ class HFBackend(InferenceBackend):
         ids_B_L, mask_B_L = ids_B_L.to(self.device), mask_B_L.to(self.device)
         cache = DynamicCache()
         step_ids_B_L = ids_B_L
-        longest = max(r.max_tokens for r in batch)
+        longest = max(r.sampling.max_tokens for r in batch)
         with torch.inference_mode():
             for _ in range(longest):
                 pos_B_L = (mask_B_L.cumsum(-1) - 1).clamp(min=0)[:, -step_ids_B_L.shape[1] :]
@@ -215,7 +200,7 @@ class HFBackend(InferenceBackend):
             text = self.tokenizer.decode(r.tokens)
             if any(s in text for s in r.sampling.stop):
                 return "stop"
-        if len(r.tokens) >= r.max_tokens:
+        if len(r.tokens) >= r.sampling.max_tokens:
             return "length"
         return None
 
@@ -239,19 +224,10 @@ class HFBackend(InferenceBackend):
                     "state_dict() with Hugging Face parameter names"
                 )
 
-    async def close(self) -> None:
-        """Fail pending requests and stop the worker thread. Idempotent."""
-        self.close_sync()
-
-    def close_sync(self) -> None:
-        """:meth:`close` for code without an event loop."""
-        if self._closed:
-            return
-        self._closed = True
-        self._loop.run_sync(self._shutdown())
-        self._loop.stop()
+    # -- lifecycle -----------------------------------------------------------------
 
     async def _shutdown(self) -> None:
+        """Stop the batching task and fail the requests still queued."""
         self._worker.cancel()
         for r in self._queue:
             if not r.future.done():

@@ -17,8 +17,8 @@ trainer) talks to all of them through :class:`RayBackend`:
   would have. ``stats["restarts"]`` counts replacements.
 
 Nothing here imports Ray at module level: ``taurl`` without ``ray.address`` never
-loads it. :class:`RayConfig` is the ``ray:`` section of the train, rollout and eval
-configs.
+loads it. The ``ray:`` config section is :class:`taurl.agents.config.RayConfig`; the
+engine actor and the Ray helpers live in :mod:`taurl.agents.ray_engine`.
 """
 
 from __future__ import annotations
@@ -26,165 +26,22 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import dataclasses
-import os
-import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TYPE_CHECKING
 
-from taurl.agents.backend import (
-    BackgroundLoop,
-    InferenceBackend,
-    SessionRouter,
-    check_prompt,
-    make_backend,
-)
-from taurl.errors import BackendError, ConfigError
+from taurl.agents.backend import BackgroundLoop, LoopBackend, SessionRouter
+from taurl.agents.config import RayConfig
+from taurl.agents.ray_engine import EngineActor, actor_lost_errors, kill_actor, pack_state_dict
+from taurl.errors import BackendError
 from taurl.models import resolve_model
 from taurl.types import Generation, JSONValue, SamplingParams
 
 if TYPE_CHECKING:
-    import numpy as np
     import torch
     from ray.actor import ActorHandle
-
-#: Sessions remembered for engine affinity; the oldest are forgotten first.
-MAX_SESSIONS = 100_000
-_ADDRESS = re.compile(r"^(local|auto|ray://\S+|[\w.-]+:\d+)$")
-
-
-@dataclass
-class RayConfig:
-    """Where the rollout runs on Ray: inference engines and environment workers as actors."""
-
-    # "" = no Ray (one process, nothing imports Ray); "local" = start a cluster on this machine; "auto" = join the running one; or "ray://host:port"
-    address: str = ""
-    # inference engine actors, each one backend.kind engine (one per GPU, or one per node on CPU)
-    num_engines: int = 1
-    # logical CPUs each engine actor reserves
-    cpus_per_engine: float = 1.0
-    # GPUs each engine actor reserves; None = 1 when the cluster has GPUs, else 0
-    gpus_per_engine: float | None = None
-    # environment worker actors (0 = environments run in the driver's threads, as without Ray)
-    env_workers: int = 0
-    # logical CPUs each environment worker reserves
-    cpus_per_env_worker: float = 1.0
-    # environments one worker steps at the same time (its threads)
-    env_threads_per_worker: int = 16
-    # replacements of a dead actor (per engine, per env worker) before the run gives up on it
-    max_restarts: int = 3
-    # seconds an actor may take to start (an engine loads its model) before that is an error
-    start_timeout_s: float = 900.0
-    # logical CPUs of a "local" cluster; None = the machine's count, raised to what the actors reserve
-    num_cpus: int | None = None
-    # environment variables set in every actor, e.g. {VLLM_CPU_KVCACHE_SPACE: "1"}
-    env_vars: dict[str, str] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.address and not _ADDRESS.match(self.address):
-            raise ConfigError(
-                f"ray.address must be '' (off), 'local', 'auto', 'ray://host:port' or "
-                f"'host:port', got {self.address!r}"
-            )
-        for name in ("num_engines", "env_threads_per_worker"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"ray.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("cpus_per_engine", "cpus_per_env_worker", "env_workers", "max_restarts"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"ray.{name} must be >= 0, got {getattr(self, name)}")
-        if self.gpus_per_engine is not None and self.gpus_per_engine < 0:
-            raise ConfigError(
-                f"ray.gpus_per_engine must be >= 0 or None (1 when the cluster has GPUs), "
-                f"got {self.gpus_per_engine}"
-            )
-        if self.start_timeout_s <= 0:
-            raise ConfigError(f"ray.start_timeout_s must be > 0, got {self.start_timeout_s}")
-        if self.num_cpus is not None:
-            if self.num_cpus < 1:
-                raise ConfigError(f"ray.num_cpus must be >= 1 or None, got {self.num_cpus}")
-            if self.address != "local":
-                raise ConfigError(
-                    f"ray.num_cpus sizes a cluster this process starts (address 'local'); with "
-                    f"address {self.address!r} the cluster has its own size: drop ray.num_cpus"
-                )
-
-    @property
-    def enabled(self) -> bool:
-        """True when the rollout runs on Ray."""
-        return bool(self.address)
-
-    def cpus_reserved(self) -> float:
-        """Logical CPUs the engine and environment actors reserve together."""
-        return self.num_engines * self.cpus_per_engine + self.env_workers * self.cpus_per_env_worker
-
-
-def connect_ray(config: RayConfig) -> bool:
-    """Connect this process to the cluster ``config.address`` names, unless already connected.
-
-    Returns True when this call connected (its caller then calls ``ray.shutdown()``
-    at the end), False when a connection existed (a test's cluster, a user's own
-    ``ray.init``), which is then used as it is.
-    """
-    if not config.enabled:
-        raise ConfigError("connect_ray needs ray.address ('local', 'auto' or a URL); it is ''")
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if config.address == "local":
-        # Logical CPUs are a scheduling count, not cores: asking for fewer than the actors
-        # reserve would leave some unscheduled forever.
-        need = int(-(-config.cpus_reserved() // 1)) + 1
-        num_cpus = config.num_cpus or max(os.cpu_count() or 1, need)
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
-    else:
-        ray.init(address=config.address)
-    return True
-
-
-class EngineActor:
-    """One inference engine in a Ray actor's process: ``make_backend(kind, model, **options)``.
-
-    Built by :class:`RayBackend` as an async actor, so many ``generate`` calls are in
-    flight at once and the inner backend batches them.
-    """
-
-    def __init__(self, kind: str, model: str, options: dict[str, JSONValue]) -> None:
-        self.backend = make_backend(kind, model, **options)
-
-    async def info(self) -> dict[str, JSONValue]:
-        """What the driver needs to know: limits, weight dtype, where the engine runs."""
-        import ray
-
-        dtype = getattr(self.backend, "weight_dtype", None)
-        return {
-            "max_model_len": self.backend.max_model_len,
-            "weight_dtype": str(dtype).removeprefix("torch.") if dtype is not None else None,
-            "pid": os.getpid(),
-            "node_id": ray.get_runtime_context().get_node_id(),
-        }
-
-    async def generate(self, prompt_token_ids: list[int], sampling: SamplingParams) -> Generation:
-        """One request to the inner backend."""
-        return await self.backend.generate(prompt_token_ids, sampling)
-
-    async def update_weights(self, packed: PackedStateDict, version: int) -> int:
-        """Load new weights (Ray resolves the object-store reference into ``packed``)."""
-        await self.backend.update_weights(unpack_state_dict(packed), version)
-        return version
-
-    async def reset_prefix_cache(self) -> None:
-        """Drop the inner engine's cached prefixes, when it has any."""
-        reset = getattr(self.backend, "reset_prefix_cache", None)
-        if reset is not None:
-            await reset()
-
-    async def close(self) -> None:
-        """Shut the inner engine down (its child processes included)."""
-        await self.backend.close()
 
 
 @dataclass
@@ -199,11 +56,11 @@ class _Engine:
     info: dict[str, JSONValue] = field(default_factory=dict)
 
 
-class RayBackend(InferenceBackend):
+class RayBackend(LoopBackend):
     """``num_engines`` engine actors behind the backend interface (see the module docstring).
 
     Building one starts the actors and blocks until every engine is ready. This
-    process must be connected to Ray (:func:`connect_ray`).
+    process must be connected to Ray (:func:`~taurl.agents.ray_engine.connect_ray`).
 
     Args:
         model: a built-in model name, a folder, or a cached hub id; each actor
@@ -225,7 +82,7 @@ class RayBackend(InferenceBackend):
 
         if not ray.is_initialized():
             raise BackendError(
-                "RayBackend needs a Ray connection; call taurl.agents.ray_backend.connect_ray"
+                "RayBackend needs a Ray connection; call taurl.agents.ray_engine.connect_ray"
                 "(config) (or ray.init) first"
             )
         self.model = str(model)
@@ -252,10 +109,9 @@ class RayBackend(InferenceBackend):
         self._actor_cls = ray.remote(EngineActor).options(**self._actor_options)  # type: ignore[arg-type]
         # the latest weights, for replacements: (object-store ref of the state dict, version)
         self._weights: tuple[object | None, int] = (None, 0)
-        self._router = SessionRouter(MAX_SESSIONS)
+        self._router = SessionRouter()
         self._engines: list[_Engine] = []
         self._replacing: set[asyncio.Task[None]] = set()
-        self._closed = False
         self._loop = BackgroundLoop(name="taurl-ray")
         try:
             self._loop.run_sync(self._start())
@@ -405,25 +261,11 @@ class RayBackend(InferenceBackend):
 
     # -- generation ----------------------------------------------------------------
 
-    async def generate(
-        self,
-        prompt_token_ids: list[int],
-        sampling: SamplingParams,
-        *,
-        session_id: str | None = None,
-    ) -> Generation:
-        """Sample one continuation; see :meth:`InferenceBackend.generate`."""
-        max_tokens = check_prompt(prompt_token_ids, sampling, self.max_model_len)
-        sampling = dataclasses.replace(sampling, max_tokens=max_tokens)
-        return await self._loop.run(self._generate(list(prompt_token_ids), sampling, session_id))
-
     async def _generate(
         self, prompt: list[int], sampling: SamplingParams, session_id: str | None
     ) -> Generation:
         from ray.exceptions import RayTaskError
 
-        if self._closed:
-            raise BackendError("RayBackend is closed; create a new one")
         self.stats["requests"] += 1
         while True:
             i = await self._pick(session_id)
@@ -491,22 +333,8 @@ class RayBackend(InferenceBackend):
 
     # -- lifecycle -----------------------------------------------------------------
 
-    async def close(self) -> None:
-        """Shut every engine down and remove the actors. Idempotent."""
-        self.close_sync()
-
-    def close_sync(self) -> None:
-        """:meth:`close` for code without an event loop."""
-        if self._closed:
-            return
-        self._closed = True
-        self._loop.run_sync(self._shutdown())
-        self._loop.stop()
-        for engine in self._engines:
-            kill_actor(engine.handle)
-        self._weights = (None, 0)
-
     async def _shutdown(self) -> None:
+        """Stop replacements under way and close every live engine."""
         for task in list(self._replacing):
             task.cancel()
         handles = [e.handle for e in self._engines if e.healthy]
@@ -516,56 +344,10 @@ class RayBackend(InferenceBackend):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(closing, 60)
 
-
-#: A state dict as the object store holds it: name -> (bytes as a uint8 array, dtype, shape).
-PackedStateDict: TypeAlias = "dict[str, tuple[np.ndarray, str, tuple[int, ...]]]"
-
-
-def pack_state_dict(state_dict: Mapping[str, torch.Tensor]) -> PackedStateDict:
-    """Each tensor's bytes as a numpy array, which Ray stores and reads without copies.
-
-    Pickled torch tensors are copied on ``put`` and again in every reader (measured,
-    SmolLM2-135M float32 on 2 cores: put 1-1.7 s and ~1 s per engine; as numpy: put
-    0.1-0.5 s, 0.01 s per engine). Bytes rather than typed arrays, since numpy has no
-    bfloat16.
-    """
-    import torch
-
-    packed = {}
-    for name, tensor in state_dict.items():
-        t = tensor.detach().to("cpu").contiguous()
-        raw = t.reshape(-1).view(torch.uint8).numpy()
-        packed[name] = (raw, str(t.dtype).removeprefix("torch."), tuple(t.shape))
-    return packed
+    def _after_stop(self) -> None:
+        """Remove the engine actors and drop the weights' object-store reference."""
+        for engine in self._engines:
+            kill_actor(engine.handle)
+        self._weights = (None, 0)
 
 
-def unpack_state_dict(packed: PackedStateDict) -> dict[str, torch.Tensor]:
-    """The tensors of :func:`pack_state_dict`: read-only views of the object store's memory."""
-    import warnings
-
-    import torch
-
-    out = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "non-writable array": only read here
-        for name, (raw, dtype, shape) in packed.items():
-            if raw.size == 0:  # no bytes to view
-                out[name] = torch.empty(shape, dtype=getattr(torch, dtype))
-            else:
-                out[name] = torch.from_numpy(raw).view(getattr(torch, dtype)).reshape(shape)
-    return out
-
-
-def actor_lost_errors() -> tuple[type[BaseException], ...]:
-    """What awaiting a call to a dead actor raises (an OOM kill reads as its own error)."""
-    from ray.exceptions import OutOfMemoryError, RayActorError
-
-    return (RayActorError, OutOfMemoryError)
-
-
-def kill_actor(handle: ActorHandle) -> None:
-    """``ray.kill`` an actor for good; one already gone (or a cluster already down) is fine."""
-    import ray
-
-    with contextlib.suppress(Exception):
-        ray.kill(handle, no_restart=True)

@@ -42,11 +42,9 @@ import tenacity
 
 from taurl.agents.backend import (
     BackgroundLoop,
-    InferenceBackend,
+    LoopBackend,
     SessionRouter,
-    check_prompt,
-    remove_weights_dir,
-    write_weights_dir,
+    weights_checkpoint,
 )
 from taurl.agents.vllm_worker import RELOAD_METHOD, WORKER_EXTENSION
 from taurl.errors import BackendError
@@ -65,8 +63,6 @@ RETRYABLE_ERRORS = (
     httpx.RemoteProtocolError,
     httpx.PoolTimeout,
 )
-#: Sessions remembered for replica affinity; the oldest are forgotten first.
-MAX_SESSIONS = 100_000
 
 
 class ServerError(BackendError):
@@ -91,7 +87,7 @@ class Replica:
     _log: IO[bytes] | None = field(default=None, repr=False)
 
 
-class VLLMServerBackend(InferenceBackend):
+class VLLMServerBackend(LoopBackend):
     """Several ``vllm serve`` replicas behind the backend interface.
 
     Args:
@@ -188,8 +184,7 @@ class VLLMServerBackend(InferenceBackend):
         else:
             self._log_dir = None
             self.replicas = [Replica(url=u.rstrip("/")) for u in urls or ()]
-        self._router = SessionRouter(MAX_SESSIONS)
-        self._closed = False
+        self._router = SessionRouter()
         self._loop = BackgroundLoop(name="taurl-vllm-server")
         try:
             self._loop.run_sync(self._start(request_timeout))
@@ -290,29 +285,14 @@ class VLLMServerBackend(InferenceBackend):
 
     # -- generation ----------------------------------------------------------------
 
-    async def generate(
-        self,
-        prompt_token_ids: list[int],
-        sampling: SamplingParams,
-        *,
-        session_id: str | None = None,
-    ) -> Generation:
-        """Sample one continuation; see :meth:`InferenceBackend.generate`."""
-        max_tokens = check_prompt(prompt_token_ids, sampling, self.max_model_len)
-        return await self._loop.run(
-            self._generate(list(prompt_token_ids), sampling, max_tokens, session_id)
-        )
-
     async def _generate(
-        self, prompt: list[int], sampling: SamplingParams, max_tokens: int, session_id: str | None
+        self, prompt: list[int], sampling: SamplingParams, session_id: str | None
     ) -> Generation:
-        if self._closed:
-            raise BackendError("VLLMServerBackend is closed; create a new one")
         self.stats["requests"] += 1
         body = {
             "token_ids": prompt,
             "sampling_params": {
-                "max_tokens": max_tokens,
+                "max_tokens": sampling.max_tokens,
                 "temperature": sampling.temperature,
                 "top_p": sampling.top_p,
                 "top_k": sampling.top_k,
@@ -380,11 +360,8 @@ class VLLMServerBackend(InferenceBackend):
         Each replica is paused in ``"wait"`` mode (its in-flight requests finish with
         the old weights), reloads the checkpoint, drops its prefix cache, resumes.
         """
-        path = write_weights_dir(state_dict, self.model_path, parent=self.weights_dir)
-        try:
+        with weights_checkpoint(state_dict, self.model_path, parent=self.weights_dir) as path:
             await self._loop.run(self._reload_all(path))
-        finally:
-            remove_weights_dir(path)
         self.policy_version = version
 
     async def _reload_all(self, path: Path) -> None:
@@ -405,27 +382,19 @@ class VLLMServerBackend(InferenceBackend):
 
     # -- lifecycle -----------------------------------------------------------------
 
-    async def close(self) -> None:
-        """Close connections and stop the servers this backend started. Idempotent."""
-        self.close_sync()
-
-    def close_sync(self) -> None:
-        """:meth:`close` for code without an event loop."""
-        if self._closed:
-            return
-        self._closed = True
-        self._loop.run_sync(self._shutdown())
-        self._loop.stop()
-        for r in self.replicas:
-            _stop_process(r)
-
     async def _shutdown(self) -> None:
+        """Stop the supervisor and close the connections."""
         supervisor = getattr(self, "_supervisor", None)
         if supervisor is not None:
             supervisor.cancel()
         client = getattr(self, "_client", None)
         if client is not None:
             await client.aclose()
+
+    def _after_stop(self) -> None:
+        """Stop the servers this backend started."""
+        for r in self.replicas:
+            _stop_process(r)
 
 
 def _retryable(e: BaseException) -> bool:

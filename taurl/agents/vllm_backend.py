@@ -43,11 +43,9 @@ from typing import TYPE_CHECKING, Literal
 
 from taurl.agents.backend import (
     BackgroundLoop,
-    InferenceBackend,
-    check_prompt,
-    remove_weights_dir,
+    LoopBackend,
     torch_dtype_of,
-    write_weights_dir,
+    weights_checkpoint,
 )
 from taurl.agents.vllm_worker import RELOAD_METHOD, WORKER_EXTENSION
 from taurl.errors import BackendError
@@ -61,7 +59,7 @@ if TYPE_CHECKING:
 LogprobsMode = Literal["raw_logprobs", "processed_logprobs"]
 
 
-class VLLMBackend(InferenceBackend):
+class VLLMBackend(LoopBackend):
     """vLLM's ``AsyncLLM`` in this process (its engine core runs in child processes).
 
     Building one starts the engine and blocks until it is ready (about 30-60 s on
@@ -119,7 +117,6 @@ class VLLMBackend(InferenceBackend):
         self.startup_seconds = 0.0  # engine start (imports, child processes, weights)
         self.warmup_seconds = 0.0  # the warm-up requests after it
         self._engine: AsyncLLM | None = None
-        self._closed = False
         self._loop = BackgroundLoop(name="taurl-vllm")
         options: dict[str, object] = {
             "dtype": dtype,
@@ -177,24 +174,13 @@ class VLLMBackend(InferenceBackend):
         t0 = time.perf_counter()
         prompt = [0] * min(16, self.max_model_len - 4)
         sampling = SamplingParams(max_tokens=4, seed=0)
-        await asyncio.gather(*(self._generate(prompt, sampling, 4) for _ in range(4)))
+        await asyncio.gather(*(self._generate(prompt, sampling, None) for _ in range(4)))
         self.warmup_seconds = time.perf_counter() - t0
 
     # -- generation ----------------------------------------------------------------
 
-    async def generate(
-        self,
-        prompt_token_ids: list[int],
-        sampling: SamplingParams,
-        *,
-        session_id: str | None = None,
-    ) -> Generation:
-        """Sample one continuation; see :meth:`InferenceBackend.generate`."""
-        max_tokens = check_prompt(prompt_token_ids, sampling, self.max_model_len)
-        return await self._loop.run(self._generate(prompt_token_ids, sampling, max_tokens))
-
     async def _generate(
-        self, prompt_token_ids: list[int], sampling: SamplingParams, max_tokens: int
+        self, prompt: list[int], sampling: SamplingParams, session_id: str | None
     ) -> Generation:
         from vllm import SamplingParams as VSamplingParams
         from vllm.sampling_params import RequestOutputKind
@@ -202,7 +188,7 @@ class VLLMBackend(InferenceBackend):
         engine = self._require_engine()
         params = VSamplingParams(
             n=1,
-            max_tokens=max_tokens,
+            max_tokens=sampling.max_tokens,
             temperature=sampling.temperature,
             top_p=sampling.top_p,
             top_k=sampling.top_k,
@@ -215,7 +201,7 @@ class VLLMBackend(InferenceBackend):
         final = None
         try:
             async for out in engine.generate(
-                {"prompt_token_ids": list(prompt_token_ids)}, params, uuid.uuid4().hex
+                {"prompt_token_ids": prompt}, params, uuid.uuid4().hex
             ):
                 final = out
         except Exception as e:
@@ -245,11 +231,8 @@ class VLLMBackend(InferenceBackend):
         ``"wait"`` mode), then the prefix cache — computed with the old weights — is
         dropped.
         """
-        path = write_weights_dir(state_dict, self.model_path)
-        try:
+        with weights_checkpoint(state_dict, self.model_path) as path:
             await self._loop.run(self._reload(path))
-        finally:
-            remove_weights_dir(path)
         self.policy_version = version
 
     async def _reload(self, path: Path) -> None:
@@ -277,21 +260,8 @@ class VLLMBackend(InferenceBackend):
             raise BackendError(f"the vLLM engine died: {self._engine.dead_error}")
         return self._engine
 
-    async def close(self) -> None:
-        """Shut the engine's processes down and stop the loop thread. Idempotent."""
-        self.close_sync()
-
-    def close_sync(self) -> None:
-        """:meth:`close` for code that has no event loop (fixtures, ``atexit``)."""
-        if self._closed:
-            return
-        self._closed = True
+    async def _shutdown(self) -> None:
+        """Shut the engine's processes down (on this loop, where its output task lives)."""
         engine, self._engine = self._engine, None
         if engine is not None:
-            self._loop.run_sync(_shutdown(engine))
-        self._loop.stop()
-
-
-async def _shutdown(engine: AsyncLLM) -> None:
-    """Shut ``engine`` down on its own loop (its output task lives there)."""
-    engine.shutdown()
+            engine.shutdown()

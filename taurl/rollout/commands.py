@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from taurl.agents.backend import BackendConfig, InferenceBackend, make_backend
+from taurl.agents.backend import InferenceBackend, make_backend
+from taurl.agents.config import BackendConfig, RayConfig
 from taurl.agents.loop import Agent
-from taurl.agents.ray_backend import RayConfig
 from taurl.config import config_to_dict
 from taurl.models import resolve_model
 from taurl.rollout.eval import EvalConfig, EvalReport, compare, evaluate

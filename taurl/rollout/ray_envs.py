@@ -28,13 +28,9 @@ from typing import TYPE_CHECKING
 
 import gymnasium
 
-from taurl.agents.ray_backend import (
-    RayBackend,
-    RayConfig,
-    actor_lost_errors,
-    connect_ray,
-    kill_actor,
-)
+from taurl.agents.config import RayConfig
+from taurl.agents.ray_backend import RayBackend
+from taurl.agents.ray_engine import actor_lost_errors, connect_ray, kill_actor
 from taurl.errors import EnvError, EnvWorkerLost
 from taurl.types import JSONValue, Message
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from taurl.agents.ray_backend import RayConfig
+from taurl.agents.config import RayConfig
 from taurl.config import load_config
 from taurl.errors import ConfigError
 from taurl.types import SamplingParams
@@ -91,7 +91,7 @@ def test_config_accepts_addresses() -> None:
 def test_packed_state_dict_round_trips_every_dtype_and_shape() -> None:
     import torch
 
-    from taurl.agents.ray_backend import pack_state_dict, unpack_state_dict
+    from taurl.agents.ray_engine import pack_state_dict, unpack_state_dict
 
     state = {
         "bf16": torch.randn(3, 4).bfloat16(), "f32": torch.randn(5), "scalar": torch.tensor(2.0),
