@@ -26,7 +26,7 @@ _ADDRESS = re.compile(r"^(local|auto|ray://\S+|[\w.-]+:\d+)$")
 class BackendConfig:
     """Which inference backend samples, and its constructor options."""
 
-    # "vllm" (in-process, default), "vllm-server" (HTTP replicas) or "hf" (transformers)
+    # backend: vllm | vllm-server | hf (in-process vLLM, `vllm serve` replicas, transformers)
     kind: str = "vllm"
     # constructor arguments of that backend, e.g. {dtype: bfloat16, max_model_len: 2048}
     options: dict[str, JSONValue] = field(default_factory=dict)
