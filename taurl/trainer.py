@@ -30,12 +30,15 @@ on ``--resume``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -48,9 +51,11 @@ from taurl.learners import AlgorithmOptions, Learner, LearnerConfig, distributed
 from taurl.models import resolve_model
 from taurl.rollout.eval import EvalConfig, evaluate
 from taurl.rollout.metrics import batch_means
-from taurl.rollout.runner import EnvFactory, RolloutConfig, run_rollout
+from taurl.rollout.runner import EnvFactory, RolloutConfig, RolloutResult, run_rollout
 from taurl.run_dir import MetricsLog, RunDir
 from taurl.types import SamplingParams, Trajectory
+
+T = TypeVar("T")
 
 
 def _default_rollout() -> RolloutConfig:
@@ -129,6 +134,15 @@ class TrainConfig:
             )
         if self.learner.seed == 0 and self.seed:
             self.learner.seed = self.seed
+        o = self.learner.resolved_options()
+        steps = o.epochs * o.minibatches
+        if 0 < self.rollout.max_off_policy_steps < steps:
+            raise ConfigError(
+                f"rollout.max_off_policy_steps is {self.rollout.max_off_policy_steps}, but one "
+                f"update takes epochs x minibatches = {steps} optimizer steps, so a batch sampled "
+                f"during the previous update is {steps} steps old when trained on; set "
+                f"rollout.max_off_policy_steps >= {steps} (or 0: synchronous)"
+            )
 
 
 def _resolve_model_options(config: LearnerConfig) -> LearnerConfig:
@@ -210,6 +224,7 @@ async def train_async(
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     t_start = time.perf_counter()
+    pending: asyncio.Task[tuple[RolloutResult, float]] | None = None  # next batch, sampled ahead
     try:
         # The engine must sample with the learner's weights: a fresh engine already does at
         # iteration 0, a resumed or shared one does not.
@@ -219,8 +234,17 @@ async def train_async(
         initial_sync_s = time.perf_counter() - t0
         agent = Agent(backend, tokenizer, cfg.rollout.agent)
         checkpoints = CheckpointSchedule(cfg.checkpoint_every, cfg.checkpoint_budget, start_iter)
+        overlap = cfg.rollout.max_off_policy_steps > 0
         for it in range(start_iter, cfg.iterations):
-            metrics = await _iteration(cfg, logger, agent, backend, learner, it, make_env)
+            t0 = time.perf_counter()
+            result, rollout_s = await (pending or _rollout(cfg, agent, it, make_env))
+            wait_s = time.perf_counter() - t0
+            # Asynchronous: the next batch samples (with these weights, then the new ones as
+            # they land between requests) while the learner trains on this one.
+            pending = (asyncio.create_task(_rollout(cfg, agent, it + 1, make_env))
+                       if overlap and it + 1 < cfg.iterations else None)
+            metrics = await _learn(cfg, logger, backend, learner, it, result, overlap)
+            metrics.update({"timing/rollout_s": rollout_s, "timing/rollout_wait_s": wait_s})
             if it == start_iter:
                 metrics["timing/initial_sync_s"] = initial_sync_s
             elapsed_min = (time.perf_counter() - t_start) / 60
@@ -234,7 +258,8 @@ async def train_async(
             if last or checkpoints.due(it):
                 t0 = time.perf_counter()
                 _lead("save")
-                run.save_checkpoint(it, learner, cfg.keep_checkpoints, model_path)
+                await _maybe_thread(overlap, run.save_checkpoint, it, learner,
+                                    cfg.keep_checkpoints, model_path)
                 metrics["timing/checkpoint_s"] = checkpoints.saved(time.perf_counter() - t0)
             metrics["timing/elapsed_min"] = elapsed_min
             logger.log(it, metrics)
@@ -243,6 +268,10 @@ async def train_async(
                 break
         _lead("stop")
     finally:
+        if pending is not None:  # a run that stops early drops the batch sampled ahead
+            pending.cancel()
+            with contextlib.suppress(BaseException):
+                await pending
         logger.close()
         if own_backend:
             await backend.close()
@@ -318,34 +347,62 @@ def _follow(learner: Learner, run: RunDir) -> None:
         learner.state_dict_for_sync()
 
 
-async def _iteration(
-    cfg: TrainConfig, log: MetricsLog, agent: Agent, backend: InferenceBackend,
-    learner: Learner, it: int, make_env: EnvFactory | None = None,
-) -> dict[str, float]:
+async def _rollout(
+    cfg: TrainConfig, agent: Agent, it: int, make_env: EnvFactory | None
+) -> tuple[RolloutResult, float]:
+    """Iteration ``it``'s training episodes (new tasks: offset ``it × num_tasks``) and seconds."""
     t0 = time.perf_counter()
     rollout_cfg = dataclasses.replace(
         cfg.rollout, seed=cfg.seed, task_offset=it * cfg.rollout.num_tasks, split="train"
     )
     result = await run_rollout(agent, rollout_cfg, make_env=make_env)
+    return result, time.perf_counter() - t0
+
+
+async def _learn(
+    cfg: TrainConfig, log: MetricsLog, backend: InferenceBackend, learner: Learner, it: int,
+    result: RolloutResult, overlap: bool,
+) -> dict[str, float]:
+    """Update on one rollout's episodes, then sync the new weights into the engine.
+
+    With ``overlap`` (asynchronous rollout) the update runs in a thread, so the next
+    batch's episodes keep sampling on this event loop meanwhile; episodes more than
+    ``max_off_policy_steps`` optimizer steps old are dropped (truncated importance
+    weights against the sampler's log-probs correct the rest).
+    """
     trajs = result.trajectories
-    t1 = time.perf_counter()
     metrics = batch_means(trajs)
     metrics["rollout/tokens_per_s"] = result.summary.tokens_per_s
     batch = [t for t in trajs if t.termination != "error"]
+    staleness = [learner.policy_version - t.policy_version for t in batch]
+    if overlap:
+        k = cfg.rollout.max_off_policy_steps
+        batch = [t for t, s in zip(batch, staleness, strict=True) if s <= k]
+        metrics["rollout/stale_dropped"] = float(len(staleness) - len(batch))
+    metrics["rollout/staleness_max"] = float(max(staleness, default=0))
+    metrics["rollout/staleness_mean"] = sum(staleness) / max(len(staleness), 1)
+    t1 = time.perf_counter()
     _lead("update", batch)
-    metrics.update(learner.update(batch))
+    metrics.update(await _maybe_thread(overlap, learner.update, batch))
     t2 = time.perf_counter()
     await backend.update_weights(
         learner.state_dict_for_sync(sync_dtype(backend)), learner.policy_version
     )
     t3 = time.perf_counter()
     metrics.update({
-        "timing/rollout_s": t1 - t0, "timing/update_s": t2 - t1, "timing/sync_s": t3 - t2,
+        "timing/update_s": t2 - t1, "timing/sync_s": t3 - t2,
         "policy_version": float(learner.policy_version),
     })
     if cfg.log_samples:
         log.samples(it, trajs[: cfg.log_samples])
     return metrics
+
+
+async def _maybe_thread(in_thread: bool, fn: Callable[..., T], *args: object) -> T:
+    """``fn(*args)``, in a worker thread when ``in_thread`` (the event loop keeps running)."""
+    if in_thread:
+        return await asyncio.to_thread(fn, *args)
+    return fn(*args)
 
 
 async def _evaluate(

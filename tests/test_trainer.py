@@ -121,6 +121,40 @@ def test_resume_continues_like_an_uninterrupted_run(
     assert max(float(np.abs(wa[k] - wb[k]).max()) for k in wa) < 1e-5
 
 
+def test_async_rollout_bounds_staleness_and_a_resumed_run_loses_nothing(
+    tmp_path: Path, vllm_tiny_mutable
+) -> None:
+    """max_off_policy_steps=1: batch i+1 samples while the learner trains on batch i."""
+    over = {"rollout.max_off_policy_steps": "1", "iterations": "3", "eval_every": "0"}
+    cfg = tiny_config(tmp_path, "grpo", **over)
+    asyncio.run(train_async(cfg, backend=vllm_tiny_mutable))
+    rows = [json.loads(x) for x in (Path(cfg.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [0, 1, 2]
+    assert [r["policy_version"] for r in rows] == [1, 2, 3]
+    # iteration 0 samples before any update; every later batch was sampled (started) during
+    # the previous update, with weights one step old, and none was dropped
+    assert [r["rollout/staleness_max"] for r in rows] == [0, 1, 1]
+    assert all(r["rollout/stale_dropped"] == 0 for r in rows)
+
+    # stopped by its time budget after iteration 0 (the batch sampled ahead is dropped)...
+    part = tiny_config(tmp_path, "grpo", run_dir=str(tmp_path / "part"), **over)
+    stopped = tiny_config(tmp_path, "grpo", run_dir=str(tmp_path / "part"), **over,
+                          time_budget_min="1e-9", checkpoint_every="1")
+    RunDir(part.run_dir).init(part)
+    asyncio.run(train_async(stopped, resume=True, backend=vllm_tiny_mutable))
+    # ...then resumed: it samples iteration 1's tasks again and ends where the whole run did
+    asyncio.run(train_async(load_run_config(part.run_dir), resume=True, backend=vllm_tiny_mutable))
+    rows = [json.loads(x) for x in (Path(part.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [0, 1, 2]
+    assert rows[-1]["policy_version"] == 3
+
+
+def test_async_rollout_needs_room_for_a_whole_update() -> None:
+    with pytest.raises(ConfigError, match="max_off_policy_steps >= 4"):
+        load_config(TrainConfig, None, ["rollout.max_off_policy_steps=1",
+                                        "learner.options.minibatches=2", "learner.options.epochs=2"])
+
+
 def test_run_dir_refuses_another_config(tmp_path: Path) -> None:
     cfg = tiny_config(tmp_path, "grpo")
     RunDir(cfg.run_dir).init(cfg)

