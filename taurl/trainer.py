@@ -236,7 +236,7 @@ async def train_async(
         checkpoints = CheckpointSchedule(cfg.checkpoint_every, cfg.checkpoint_budget, start_iter)
         overlap = cfg.rollout.max_off_policy_steps > 0
         for it in range(start_iter, cfg.iterations):
-            t0 = time.perf_counter()
+            t_iter = t0 = time.perf_counter()
             result, rollout_s = await (pending or _rollout(cfg, agent, it, make_env))
             wait_s = time.perf_counter() - t0
             # Asynchronous: the next batch samples (with these weights, then the new ones as
@@ -262,6 +262,7 @@ async def train_async(
                                     cfg.keep_checkpoints, model_path)
                 metrics["timing/checkpoint_s"] = checkpoints.saved(time.perf_counter() - t0)
             metrics["timing/elapsed_min"] = elapsed_min
+            metrics["timing/iteration_s"] = time.perf_counter() - t_iter
             logger.log(it, metrics)
             _print_line(it, cfg.iterations, metrics)
             if last:
