@@ -60,6 +60,7 @@ def rollout_command(args: argparse.Namespace) -> RolloutCommand:
             ("rollout.samples_per_task", args.samples),
             ("rollout.max_in_flight", args.in_flight),
             ("rollout.seed", args.seed),
+            ("agent_cmd.command", args.agent_cmd),
             *_agent_flags("rollout", args),
         ],
         args.overrides,
@@ -192,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_roll.add_argument("--env", help="environment id, e.g. taurl/Calculator-v0")
     p_roll.add_argument("--tasks", type=int, help="distinct tasks (groups)")
     p_roll.add_argument("--out", help="output JSONL file")
+    p_roll.add_argument(
+        "--agent-cmd", help="an OpenAI-client agent program run per episode against taurl's "
+        "endpoint instead of --env (see taurl/rollout/agent_programs.py)",
+    )
     p_roll.set_defaults(func=_cmd_rollout)
 
     p_eval = sub.add_parser("eval", help="evaluate a model (or compare two) on environments")

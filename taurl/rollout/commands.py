@@ -22,6 +22,7 @@ from taurl.agents.config import BackendConfig, RayConfig
 from taurl.agents.loop import Agent
 from taurl.config import config_to_dict
 from taurl.models import resolve_model
+from taurl.rollout.agent_programs import AgentCmdConfig, run_agent_cmd
 from taurl.rollout.eval import EvalConfig, EvalReport, compare, evaluate
 from taurl.rollout.runner import EnvFactory, RolloutConfig, RolloutResult, run_rollout
 from taurl.types import write_jsonl
@@ -46,6 +47,8 @@ class RolloutCommand:
     ray: RayConfig = field(default_factory=RayConfig)
     # env, split, tasks × samples, concurrency, agent
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    # an OpenAI-client agent program to run per episode instead of the env (agent_cmd.command)
+    agent_cmd: AgentCmdConfig = field(default_factory=AgentCmdConfig)
 
 
 @dataclass
@@ -119,6 +122,8 @@ def run_rollout_command(cmd: RolloutCommand, open_backend: OpenBackend | None = 
         opener = open_backend or backend_opener(cmd.backend, ray_rollout)
         with opener(cmd.model) as backend:
             agent = _agent(backend, cmd.model, cmd.rollout.agent)
+            if cmd.agent_cmd.command:
+                return run_agent_cmd(agent, cmd.agent_cmd, cmd.rollout, output=cmd.output)
             return asyncio.run(
                 run_rollout(agent, cmd.rollout, output=cmd.output, make_env=_make_env(ray_rollout))
             )
