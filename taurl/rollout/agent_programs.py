@@ -38,7 +38,13 @@ from taurl.agents.loop import Agent, derive_seed
 from taurl.errors import ConfigError
 from taurl.rollout.metrics import summarize_rollout
 from taurl.rollout.openai_endpoint import OpenAIEndpoint
-from taurl.rollout.runner import RolloutConfig, RolloutResult, group_id_of, task_seed
+from taurl.rollout.runner import (
+    RolloutConfig,
+    RolloutResult,
+    for_each_sample,
+    group_id_of,
+    task_seed,
+)
 from taurl.types import Trajectory
 
 #: ``env_id`` of the trajectories of agent-program rollouts.
@@ -188,10 +194,7 @@ async def run_agent_programs(
                 sink.flush()
 
     try:
-        async with asyncio.TaskGroup() as tg:
-            for i in range(config.num_tasks):
-                for j in range(config.samples_per_task):
-                    tg.create_task(one(i, j))
+        await for_each_sample(config, one)
     finally:
         if sink is not None:
             sink.close()

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,6 +109,19 @@ def task_seed(seed: int, env_id: str, split: str, task_index: int) -> int:
 def group_id_of(env_id: str, split: str, task_index: int, seed: int) -> str:
     """The group id of task ``task_index``: readable and unique within a run."""
     return f"{env_id}:{split}:{task_index}:{seed}"
+
+
+async def for_each_sample(config: RolloutConfig, one: Callable[[int, int], Awaitable[None]]) -> None:
+    """Run ``one(i, j)`` for every task ``i < num_tasks`` and sample ``j < samples_per_task`` at once.
+
+    The runs share one task group: the first exception cancels the others and is raised
+    in an ``ExceptionGroup``. ``one`` bounds its own concurrency (a ``max_in_flight``
+    semaphore), so every run can start at once.
+    """
+    async with asyncio.TaskGroup() as tg:
+        for i in range(config.num_tasks):
+            for j in range(config.samples_per_task):
+                tg.create_task(one(i, j))
 
 
 def _error_trajectory(
@@ -219,10 +232,7 @@ async def run_rollout(
             bar.update(1)
 
     try:
-        async with asyncio.TaskGroup() as tg:
-            for i in range(config.num_tasks):
-                for j in range(config.samples_per_task):
-                    tg.create_task(one(i, j))
+        await for_each_sample(config, one)
     finally:
         executor.shutdown(wait=False, cancel_futures=True)
         if sink is not None:
