@@ -10,8 +10,7 @@ from taurl.plot import plot_run
 
 def _write(tmp_path, rows):
     with open(tmp_path / "metrics.jsonl", "w") as f:
-        for i, r in enumerate(rows):
-            f.write(json.dumps({"iteration": i, **r}) + "\n")
+        f.writelines(json.dumps({"iteration": i, **r}) + "\n" for i, r in enumerate(rows))
     return tmp_path
 
 

@@ -372,7 +372,7 @@ def test_an_unprivileged_user_gets_kernel_isolation_from_user_namespaces(tmp_pat
         assert "Read-only file system" in wrote["stderr"], wrote
         remount = run(
             "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
-            f"r = libc.mount(None, b'/var/tmp', None, 32 | 4096, None)\n"
+            "r = libc.mount(None, b'/var/tmp', None, 32 | 4096, None)\n"
             "print(r, os.strerror(ctypes.get_errno()))"
         )
         assert remount["stdout"].startswith("-1 "), remount  # no capability left to remount
