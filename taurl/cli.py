@@ -15,6 +15,7 @@ from taurl.errors import TaurlError
 
 if TYPE_CHECKING:
     from taurl.rollout.commands import EvalCommand, RolloutCommand
+    from taurl.rollout.failures import EnvFailures
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -68,14 +69,31 @@ def rollout_command(args: argparse.Namespace) -> RolloutCommand:
     return load_config(RolloutCommand, args.config, overrides)
 
 
+def _report_failures(failures: list[tuple[str, EnvFailures]]) -> int:
+    """Print each environment's first error to stderr; 1 if every episode of one errored, else 0."""
+    for label, failure in failures:
+        print(failure.format(label), file=sys.stderr)
+    broken = [f"{f.env_id} ({label})" if label else f.env_id for label, f in failures if f.all_failed]
+    if not broken:
+        return 0
+    print(
+        f"taurl: error: every episode of {', '.join(broken)} ended in error, so the numbers say "
+        "nothing about the model; fix the environment (its first error is above, every "
+        "episode's is in info.error of the trajectories)",
+        file=sys.stderr,
+    )
+    return 1
+
+
 def _cmd_rollout(args: argparse.Namespace) -> int:
     from taurl.rollout.commands import run_rollout_command
+    from taurl.rollout.failures import env_failures
 
     cmd = rollout_command(args)
     result = run_rollout_command(cmd)
     print(json.dumps(result.summary.to_dict(), indent=2))
     print(f"wrote {result.summary.episodes} trajectories to {cmd.output}")
-    return 0
+    return _report_failures([("", f) for f in env_failures(result.trajectories)])
 
 
 def eval_command(args: argparse.Namespace) -> EvalCommand:
@@ -114,7 +132,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     report = run_eval_command(cmd)
     print(report.to_markdown(), end="")
     print(f"wrote {cmd.out_dir}/eval.json and {cmd.out_dir}/eval.md")
-    return 0
+    label = len(report.models) > 1  # name the model only when two share the table
+    return _report_failures(
+        [(model if label else "", f) for model, fs in report.failures.items() for f in fs]
+    )
 
 
 def _cmd_train(args: argparse.Namespace) -> int:

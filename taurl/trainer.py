@@ -34,6 +34,7 @@ import contextlib
 import dataclasses
 import json
 import random
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ from taurl.errors import ConfigError, TaurlError
 from taurl.learners import AlgorithmOptions, Learner, LearnerConfig, distributed
 from taurl.models import resolve_model
 from taurl.rollout.eval import EvalConfig, evaluate
+from taurl.rollout.failures import env_failures
 from taurl.rollout.metrics import batch_means
 from taurl.rollout.runner import EnvFactory, RolloutConfig, RolloutResult, run_rollout
 from taurl.run_dir import MetricsLog, RunDir
@@ -112,6 +114,8 @@ class TrainConfig:
     log_samples: int = 2
     # also write TensorBoard event files (needs the tensorboard package)
     tensorboard: bool = True
+    # stop the run when more than this share of an iteration's episodes end in "error" (1.0 = never)
+    max_error_rate: float = 0.5
 
     def __post_init__(self) -> None:
         for name in ("iterations", "keep_checkpoints"):
@@ -125,6 +129,11 @@ class TrainConfig:
         for name in ("eval_every", "eval_episodes", "log_samples", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.max_error_rate <= 1:
+            raise ConfigError(
+                f"max_error_rate must be in [0, 1], got {self.max_error_rate}; 0.5 stops a run "
+                "when over half of an iteration's episodes error, 1.0 never stops it"
+            )
         if self.time_budget_min < 0:
             raise ConfigError(f"time_budget_min must be >= 0 (0 = none), got {self.time_budget_min}")
         if self.rollout.split != "train":
@@ -235,10 +244,12 @@ async def train_async(
         agent = Agent(backend, tokenizer, cfg.rollout.agent)
         checkpoints = CheckpointSchedule(cfg.checkpoint_every, cfg.checkpoint_budget, start_iter)
         overlap = cfg.rollout.max_off_policy_steps > 0
+        reported: set[str] = set()  # "rollout"/"eval" once its first error has been printed
         for it in range(start_iter, cfg.iterations):
             t_iter = t0 = time.perf_counter()
             result, rollout_s = await (pending or _rollout(cfg, agent, it, make_env))
             wait_s = time.perf_counter() - t0
+            _check_errors(cfg, it, result.trajectories, reported)
             # Asynchronous: the next batch samples (with these weights, then the new ones as
             # they land between requests) while the learner trains on this one.
             pending = (asyncio.create_task(_rollout(cfg, agent, it + 1, make_env))
@@ -253,7 +264,7 @@ async def train_async(
             )
             if cfg.eval_every and cfg.eval_episodes and ((it + 1) % cfg.eval_every == 0 or last):
                 t0 = time.perf_counter()
-                metrics.update(await _evaluate(cfg, agent, make_env))
+                metrics.update(await _evaluate(cfg, agent, make_env, reported))
                 metrics["timing/eval_s"] = time.perf_counter() - t0
             if last or checkpoints.due(it):
                 t0 = time.perf_counter()
@@ -360,6 +371,29 @@ async def _rollout(
     return result, time.perf_counter() - t0
 
 
+def _check_errors(cfg: TrainConfig, it: int, trajs: list[Trajectory], reported: set[str]) -> None:
+    """Print the run's first rollout error to stderr; stop past ``cfg.max_error_rate``.
+
+    Episodes that error are left out of the update, so a broken environment would
+    otherwise train on what little remains, or on nothing, while the run looks healthy.
+    """
+    failures = env_failures(trajs)
+    if not failures:
+        return
+    failure = failures[0]  # a training rollout runs one environment
+    if "rollout" not in reported:
+        reported.add("rollout")
+        print(failure.format(f"training iteration {it + 1}"), file=sys.stderr, flush=True)
+    rate = failure.errors / len(trajs)
+    if rate > cfg.max_error_rate:
+        raise TaurlError(
+            f"stopping: {failure.errors} of {len(trajs)} episodes ({rate:.0%}) of iteration "
+            f"{it + 1} ended in error, more than max_error_rate={cfg.max_error_rate}. The first: "
+            f"{failure.first_error}\n{failure.traceback}\nFix the environment "
+            f"{failure.env_id!r}, or raise max_error_rate (1.0 never stops)"
+        )
+
+
 async def _learn(
     cfg: TrainConfig, log: MetricsLog, backend: InferenceBackend, learner: Learner, it: int,
     result: RolloutResult, overlap: bool,
@@ -407,7 +441,8 @@ async def _maybe_thread(in_thread: bool, fn: Callable[..., T], *args: object) ->
 
 
 async def _evaluate(
-    cfg: TrainConfig, agent: Agent, make_env: EnvFactory | None = None
+    cfg: TrainConfig, agent: Agent, make_env: EnvFactory | None = None,
+    reported: set[str] | None = None,
 ) -> dict[str, float]:
     eval_cfg = EvalConfig(
         envs=[cfg.rollout.env_id], split="heldout", episodes=cfg.eval_episodes, samples=1,
@@ -419,6 +454,10 @@ async def _evaluate(
     )
     results = await evaluate(agent, eval_cfg, make_env=make_env)
     res = results[cfg.rollout.env_id]
+    failures = env_failures(res.trajectories)
+    if failures and reported is not None and "eval" not in reported:
+        reported.add("eval")
+        print(failures[0].format("held-out evaluation"), file=sys.stderr, flush=True)
     return {"eval/success": res.metrics.success_rate, "eval/return": res.metrics.mean_return}
 
 

@@ -13,8 +13,9 @@ from safetensors.torch import load_file
 
 from taurl.config import load_config
 from taurl.envs.base import Task, TextEnv, Turn, user
-from taurl.errors import ConfigError
+from taurl.errors import ConfigError, TaurlError
 from taurl.trainer import RunDir, TrainConfig, load_run_config, train_async
+from taurl.types import Trajectory
 
 ENV_ID = "taurl-test/Variety-v0"
 
@@ -42,6 +43,19 @@ class VarietyEnv(TextEnv):
 
 if ENV_ID not in gymnasium.registry:
     gymnasium.register(ENV_ID, entry_point=VarietyEnv)
+
+BROKEN_ENV_ID = "taurl-test/BrokenReset-v0"
+
+
+class BrokenResetEnv(VarietyEnv):
+    """VarietyEnv whose task source is broken: every ``reset`` raises."""
+
+    def make_task(self, rng: np.random.Generator) -> Task:
+        raise FileNotFoundError("tasks.jsonl is missing")
+
+
+if BROKEN_ENV_ID not in gymnasium.registry:
+    gymnasium.register(BROKEN_ENV_ID, entry_point=BrokenResetEnv)
 
 
 def tiny_config(tmp_path: Path, algorithm: str, **over: str) -> TrainConfig:
@@ -170,6 +184,7 @@ def test_run_dir_refuses_another_config(tmp_path: Path) -> None:
         ("rollout.split=heldout", "training samples the 'train' split"),
         ("backend.kind=vlm", "kind must be one of"),
         ("iterations=0", "iterations must be >= 1"),
+        ("max_error_rate=1.5", r"max_error_rate must be in \[0, 1\]"),
     ],
 )
 def test_config_errors(override: str, needle: str) -> None:
@@ -245,6 +260,46 @@ def test_auto_checkpoints_keep_within_their_time_budget(monkeypatch: pytest.Monk
     assert s.due(5)
     every = trainer.CheckpointSchedule(every=2, budget=0.05, first=0)
     assert [every.due(i) for i in range(4)] == [False, True, False, True]
+
+
+def _episode(error: str | None) -> Trajectory:
+    info: dict = {} if error is None else {"error": error, "traceback": "Traceback ..."}
+    return Trajectory(token_ids=[], loss_mask=[], logprobs=[], turn_ids=[], rewards=[],
+                      episode_return=0.0, termination="error" if error else "terminated",
+                      env_id=ENV_ID, info=info)
+
+
+def test_error_rate_stops_only_above_max_error_rate(capsys: pytest.CaptureFixture[str]) -> None:
+    from taurl.trainer import _check_errors
+
+    cfg = TrainConfig(max_error_rate=0.5)
+    reported: set[str] = set()
+    _check_errors(cfg, 0, [_episode("boom 1"), _episode(None)], reported)  # 50%: not above
+    _check_errors(cfg, 1, [_episode("boom 2"), _episode(None)], reported)
+    err = capsys.readouterr().err
+    assert "1/2 episodes ended in error; the first: boom 1" in err and "boom 2" not in err
+    with pytest.raises(TaurlError, match=r"2 of 3 episodes \(67%\) of iteration 3 ended in error"):
+        _check_errors(cfg, 2, [_episode("boom 3"), _episode("boom 4"), _episode(None)], reported)
+    _check_errors(TrainConfig(max_error_rate=1.0), 0, [_episode("boom")] * 2, set())
+
+
+def test_train_stops_on_a_broken_env_and_names_its_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`taurl train` on an env whose every reset raises: exit 2, the cause on stderr, no update."""
+    from taurl.cli import main
+
+    run_dir = tmp_path / "broken"
+    code = main(["train", "model=tiny-random", f"run_dir={run_dir}", "iterations=2",
+                 f"rollout.env_id={BROKEN_ENV_ID}", "rollout.num_tasks=2",
+                 "rollout.samples_per_task=2", "rollout.progress=false", "eval_every=0",
+                 "tensorboard=false", "backend.kind=hf"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"taurl: {BROKEN_ENV_ID} (training iteration 1): 4/4 episodes ended in error" in err
+    assert "taurl: error: stopping: 4 of 4 episodes (100%) of iteration 1 ended in error" in err
+    assert "FileNotFoundError: tasks.jsonl is missing" in err and "in make_task" in err
+    assert not (run_dir / "metrics.jsonl").exists() or not (run_dir / "metrics.jsonl").read_text()
 
 
 def test_resume_refuses_extra_arguments(tmp_path: Path) -> None:

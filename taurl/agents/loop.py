@@ -15,7 +15,9 @@ How an episode ends (``Trajectory.termination``):
   within :attr:`AgentConfig.max_context_tokens` (each turn's ``max_tokens`` is also
   clipped to what fits, so the backend never sees a request it must refuse);
 - ``"error"``: the environment raised (in ``reset`` or ``step``), or the backend
-  aborted the request; the message is in ``info["error"]``. Never an exception —
+  aborted the request; the message is in ``info["error"]`` and, when an exception
+  was raised, its last frames in ``info["traceback"]`` (:func:`traceback_summary`,
+  bounded in length). Never an exception —
   except :class:`~taurl.errors.EnvWorkerLost`: the process holding the environment
   died, which is no fault of the episode, and the caller plays it again.
 
@@ -42,7 +44,7 @@ import gymnasium
 
 from taurl.agents.backend import InferenceBackend
 from taurl.agents.chat import BridgeMethod, ChatRenderer
-from taurl.errors import ConfigError, EnvWorkerLost
+from taurl.errors import ConfigError, EnvError, EnvWorkerLost
 from taurl.types import JSONValue, Message, SamplingParams, Termination, Trajectory
 
 if TYPE_CHECKING:
@@ -84,6 +86,49 @@ def _error_text(exc: BaseException) -> str:
     tb = traceback.extract_tb(exc.__traceback__)
     where = f" (at {tb[-1].filename}:{tb[-1].lineno})" if tb else ""
     return f"{type(exc).__name__}: {exc}{where}"
+
+
+def _messages(obs: object, where: str) -> list[Message]:
+    """An observation as a list of chat messages; :class:`EnvError` saying what came instead.
+
+    Checked here because a wrong observation would otherwise fail deep in the chat
+    template, outside the episode, and take the whole run down.
+    """
+    if isinstance(obs, (list, tuple)) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m for m in obs
+    ):
+        return list(obs)
+    raise EnvError(
+        f"{where} returned the observation {obs!r:.120} ({type(obs).__name__}); expected a "
+        "list of chat messages, e.g. [{'role': 'user', 'content': '...'}] (a single message "
+        "goes in a list)"
+    )
+
+
+#: Frames and characters :func:`traceback_summary` keeps: enough to find the faulty
+#: line of an environment, small enough for every errored episode's JSONL line.
+TRACEBACK_FRAMES = 6
+TRACEBACK_CHARS = 2000
+
+
+def traceback_summary(exc: BaseException) -> str:
+    """The last :data:`TRACEBACK_FRAMES` frames of ``exc``'s traceback and its message.
+
+    At most :data:`TRACEBACK_CHARS` characters: the message keeps its start (its type
+    and first words) within half of them, the frames keep their end (the innermost,
+    where an environment's fault shows) within the rest.
+    """
+    half = TRACEBACK_CHARS // 2
+    message = "".join(traceback.format_exception_only(exc)).rstrip("\n")
+    if len(message) > half:
+        message = message[: half - 3] + "..."
+    frames = traceback.extract_tb(exc.__traceback__)[-TRACEBACK_FRAMES:]
+    head = "Traceback (most recent call last):\n" if frames else ""
+    stack = head + "".join(traceback.format_list(frames))
+    room = TRACEBACK_CHARS - len(message)
+    if len(stack) > room:
+        stack = "..." + stack[-(room - 3):]
+    return stack + message
 
 
 @dataclass
@@ -171,16 +216,18 @@ class Agent:
 
         try:
             obs, reset_info = await self._env_call(ep, executor, env.reset, seed=seed, options=options)
+            obs = _messages(obs, "env.reset")
         except EnvWorkerLost:
             raise
         except Exception as exc:  # noqa: BLE001 - an env fault ends its episode, not the run
             termination = "error"
             ep.info["error"] = f"env.reset failed: {_error_text(exc)}"
+            ep.info["traceback"] = traceback_summary(exc)
         else:
             task_id = str(reset_info.get("task_id", ""))
             if reset_info.get("privileged_context") is not None:
                 ep.info["privileged_context"] = reset_info["privileged_context"]
-            ep.messages, tools = self.renderer.prepare(list(obs), list(reset_info.get("tools") or []))
+            ep.messages, tools = self.renderer.prepare(obs, list(reset_info.get("tools") or []))
             ep.append(self.renderer.prompt_ids(ep.messages, tools), turn=-1)
 
         turn = 0
@@ -217,19 +264,20 @@ class Agent:
                 obs, reward, terminated, truncated, step_info = await self._env_call(
                     ep, executor, env.step, content
                 )
+                obs = _messages(obs, "env.step")
             except EnvWorkerLost:
                 raise
             except Exception as exc:  # noqa: BLE001 - an env fault ends its episode, not the run
                 ep.rewards.append(0.0)
                 termination = "error"
                 ep.info["error"] = f"env.step failed on turn {turn}: {_error_text(exc)}"
+                ep.info["traceback"] = traceback_summary(exc)
                 break
             ep.rewards.append(float(reward))
             tool_calls += int(step_info.get("tool_calls", 0) or 0)
             tool_errors += int(step_info.get("tool_errors", 0) or 0)
             if step_info.get("success") is not None:
                 success = bool(step_info["success"])
-            obs = list(obs)
             if terminated or truncated or turn + 1 >= self.config.max_turns:
                 termination = "terminated" if terminated else "truncated" if truncated else "max_turns"
                 final_observation = obs

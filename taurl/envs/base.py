@@ -45,7 +45,7 @@ import numpy as np
 from taurl.envs.spaces import MessagesSpace, TextSpace
 from taurl.envs.tool_execution import call_tool, format_tool_error, format_tool_response
 from taurl.envs.tool_parsing import TOOL_CALL_PARSERS, ToolCallParser
-from taurl.envs.tools import FINAL_ANSWER_TOOL, Tool, ToolSchema, as_tool, final_answer
+from taurl.envs.tools import FINAL_ANSWER_TOOL, Tool, ToolSchema, Toolset, as_tool, final_answer
 from taurl.errors import ConfigError, EnvError
 from taurl.types import JSONValue, Message
 
@@ -258,7 +258,10 @@ class ToolEnv(TextEnv):
     (passed to ``__init__``) and :meth:`score`.
 
     Args:
-        tools: Typed functions (see :mod:`taurl.envs.tools`) or :class:`Tool` objects.
+        tools: Typed functions (see :mod:`taurl.envs.tools`), :class:`Tool` objects, or
+            toolsets (:class:`~taurl.envs.tools.Toolset`, e.g. an MCP server's tools:
+            :class:`~taurl.envs.mcp.MCPToolset`), whose tools are offered and which
+            :meth:`close` closes.
         split: ``"train"`` or ``"heldout"``.
         max_turns: Assistant turns before truncation.
         max_tool_calls_per_turn: Calls executed per turn; further ones are errors.
@@ -276,9 +279,11 @@ class ToolEnv(TextEnv):
         system_prompt: Optional system message at the start of the first observation.
     """
 
+    _toolsets: Sequence[Toolset] = ()  # set first thing in __init__; () for a half-built env
+
     def __init__(
         self,
-        tools: Sequence[Tool | Callable[..., object]],
+        tools: Sequence[Tool | Callable[..., object] | Toolset],
         split: str = "train",
         *,
         max_turns: int = 4,
@@ -292,59 +297,76 @@ class ToolEnv(TextEnv):
         parser: ToolCallParser | str | None = "auto",
         system_prompt: str | None = None,
     ) -> None:
-        super().__init__(split, max_turns=max_turns, system_prompt=system_prompt)
-        name = type(self).__name__
-        if not isinstance(max_tool_calls_per_turn, int) or max_tool_calls_per_turn < 1:
-            raise ConfigError(f"{name}: max_tool_calls_per_turn must be an int >= 1, got {max_tool_calls_per_turn!r}")
-        if tool_timeout_s is not None and not (isinstance(tool_timeout_s, (int, float)) and tool_timeout_s > 0):
-            raise ConfigError(f"{name}: tool_timeout_s must be a number > 0 or None (no limit), got {tool_timeout_s!r}")
-        for key, value in (("format_penalty", format_penalty), ("tool_call_bonus", tool_call_bonus)):
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < math.inf:
-                raise ConfigError(f"{name}: {key} must be a finite number >= 0, got {value!r} (0 turns it off)")
-        if not isinstance(max_tool_output_chars, int) or max_tool_output_chars < 16:
-            raise ConfigError(f"{name}: max_tool_output_chars must be an int >= 16, got {max_tool_output_chars!r}")
-        if parser is None:
-            parser = "auto"
-        if isinstance(parser, str):
-            if parser not in TOOL_CALL_PARSERS:
+        # First: a toolset already holds what close() must release (an MCP server's
+        # process), also when the checks below refuse the configuration.
+        self._toolsets = [t for t in tools if isinstance(t, Toolset)]
+        try:
+            super().__init__(split, max_turns=max_turns, system_prompt=system_prompt)
+            name = type(self).__name__
+            if not isinstance(max_tool_calls_per_turn, int) or max_tool_calls_per_turn < 1:
+                raise ConfigError(f"{name}: max_tool_calls_per_turn must be an int >= 1, got {max_tool_calls_per_turn!r}")
+            if tool_timeout_s is not None and not (isinstance(tool_timeout_s, (int, float)) and tool_timeout_s > 0):
+                raise ConfigError(f"{name}: tool_timeout_s must be a number > 0 or None (no limit), got {tool_timeout_s!r}")
+            for key, value in (("format_penalty", format_penalty), ("tool_call_bonus", tool_call_bonus)):
+                if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < math.inf:
+                    raise ConfigError(f"{name}: {key} must be a finite number >= 0, got {value!r} (0 turns it off)")
+            if not isinstance(max_tool_output_chars, int) or max_tool_output_chars < 16:
+                raise ConfigError(f"{name}: max_tool_output_chars must be an int >= 16, got {max_tool_output_chars!r}")
+            if parser is None:
+                parser = "auto"
+            if isinstance(parser, str):
+                if parser not in TOOL_CALL_PARSERS:
+                    raise ConfigError(
+                        f"{name}: parser must be one of {sorted(TOOL_CALL_PARSERS)} or an object with a "
+                        f"parse(text) -> (calls, errors) method, got {parser!r}"
+                    )
+            elif not callable(getattr(parser, "parse", None)):
                 raise ConfigError(
-                    f"{name}: parser must be one of {sorted(TOOL_CALL_PARSERS)} or an object with a "
-                    f"parse(text) -> (calls, errors) method, got {parser!r}"
+                    f"{name}: parser must have a parse(text) -> (calls, errors) method, or be one of "
+                    f"{sorted(TOOL_CALL_PARSERS)}, got {parser!r}"
                 )
-        elif not callable(getattr(parser, "parse", None)):
-            raise ConfigError(
-                f"{name}: parser must have a parse(text) -> (calls, errors) method, or be one of "
-                f"{sorted(TOOL_CALL_PARSERS)}, got {parser!r}"
+            if not isinstance(answer_tool, bool):
+                raise ConfigError(f"{name}: answer_tool must be true or false, got {answer_tool!r}")
+            self.answer_tool = answer_tool
+            self.tools: dict[str, Tool] = {}
+            offered = [x for t in tools for x in (t.tools if isinstance(t, Toolset) else [t])]
+            if answer_tool and any(as_tool(t).name == FINAL_ANSWER_TOOL.name for t in offered):
+                raise ConfigError(
+                    f"{name}: a tool is already named {FINAL_ANSWER_TOOL.name!r}, and answer_tool=True "
+                    "adds taurl's own; rename your tool or set answer_tool=False"
+                )
+            for t in [*offered, FINAL_ANSWER_TOOL] if answer_tool else offered:
+                tool = as_tool(t)
+                if tool.name in self.tools:
+                    raise ConfigError(f"{name}: two tools are named {tool.name!r}; tool names must be unique")
+                self.tools[tool.name] = tool
+            self.max_tool_calls_per_turn = max_tool_calls_per_turn
+            self.tool_timeout_s = tool_timeout_s
+            self.format_penalty = float(format_penalty)
+            self.tool_call_bonus = float(tool_call_bonus)
+            self.success_threshold = float(success_threshold)
+            self.max_tool_output_chars = max_tool_output_chars
+            # Built after the tools: "auto" needs their names to tell calls from JSON answers.
+            self.parser: ToolCallParser = (
+                TOOL_CALL_PARSERS[parser](self.tools.keys()) if isinstance(parser, str) else parser
             )
-        if not isinstance(answer_tool, bool):
-            raise ConfigError(f"{name}: answer_tool must be true or false, got {answer_tool!r}")
-        self.answer_tool = answer_tool
-        self.tools: dict[str, Tool] = {}
-        if answer_tool and any(as_tool(t).name == FINAL_ANSWER_TOOL.name for t in tools):
-            raise ConfigError(
-                f"{name}: a tool is already named {FINAL_ANSWER_TOOL.name!r}, and answer_tool=True "
-                "adds taurl's own; rename your tool or set answer_tool=False"
-            )
-        for t in [*tools, FINAL_ANSWER_TOOL] if answer_tool else tools:
-            tool = as_tool(t)
-            if tool.name in self.tools:
-                raise ConfigError(f"{name}: two tools are named {tool.name!r}; tool names must be unique")
-            self.tools[tool.name] = tool
-        self.max_tool_calls_per_turn = max_tool_calls_per_turn
-        self.tool_timeout_s = tool_timeout_s
-        self.format_penalty = float(format_penalty)
-        self.tool_call_bonus = float(tool_call_bonus)
-        self.success_threshold = float(success_threshold)
-        self.max_tool_output_chars = max_tool_output_chars
-        # Built after the tools: "auto" needs their names to tell calls from JSON answers.
-        self.parser: ToolCallParser = (
-            TOOL_CALL_PARSERS[parser](self.tools.keys()) if isinstance(parser, str) else parser
-        )
-        self._schemas = [t.schema for t in self.tools.values()]
-        self._bonus_paid = False
+            self._schemas = [t.schema for t in self.tools.values()]
+            self._bonus_paid = False
+        except BaseException:
+            self._close_toolsets()  # not close(): a subclass's may need what its __init__ sets
+            raise
 
     def tool_schemas(self) -> list[ToolSchema]:
         return list(self._schemas)
+
+    def close(self) -> None:
+        """Close the toolsets among the tools (e.g. stop an MCP server); safe to call twice."""
+        self._close_toolsets()
+        super().close()
+
+    def _close_toolsets(self) -> None:
+        for toolset in self._toolsets:
+            toolset.close()
 
     def on_reset(self, task: Task) -> None:
         self._bonus_paid = False

@@ -29,7 +29,7 @@ import re
 import types
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Union, get_args, get_origin, get_type_hints
+from typing import Literal, Protocol, Union, get_args, get_origin, get_type_hints, runtime_checkable
 
 from taurl.errors import ConfigError
 from taurl.types import JSONValue
@@ -208,6 +208,21 @@ class Tool:
                 "parameters": self.parameters,
             },
         }
+
+
+@runtime_checkable
+class Toolset(Protocol):
+    """Tools that share something the environment must release: a server process, a connection.
+
+    A :class:`~taurl.envs.base.ToolEnv` given a toolset among its tools offers every
+    tool in ``tools`` and calls ``close()`` when it is closed (e.g.
+    :class:`~taurl.envs.mcp.MCPToolset`: an MCP server's tools).
+    """
+
+    tools: list[Tool]
+
+    def close(self) -> None:
+        """Release the shared resource; called once the tools are no longer needed (idempotent)."""
 
 
 def as_tool(obj: Tool | Callable[..., object]) -> Tool:

@@ -24,6 +24,7 @@ from taurl.config import config_to_dict
 from taurl.models import resolve_model
 from taurl.rollout.agent_programs import AgentCmdConfig, run_agent_cmd
 from taurl.rollout.eval import EvalConfig, EvalReport, compare, evaluate
+from taurl.rollout.failures import env_failures
 from taurl.rollout.runner import EnvFactory, RolloutConfig, RolloutResult, run_rollout
 from taurl.types import write_jsonl
 
@@ -171,6 +172,11 @@ def run_eval_command(cmd: EvalCommand, open_backend: OpenBackend | None = None) 
         models=labels,
         results={label: {e: r.metrics for e, r in run.items()} for label, run in runs.items()},
         comparisons=comparisons,
+        failures={
+            label: failures
+            for label, run in runs.items()
+            if (failures := env_failures([t for r in run.values() for t in r.trajectories]))
+        },
     )
     report.write(out_dir)
     return report

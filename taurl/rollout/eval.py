@@ -21,6 +21,7 @@ from pathlib import Path
 from taurl.agents.loop import Agent, AgentConfig
 from taurl.envs.base import SPLITS
 from taurl.errors import ConfigError
+from taurl.rollout.failures import EnvFailures
 from taurl.rollout.grouping import group_trajectories
 from taurl.rollout.metrics import EvalMetrics, paired_diff_ci, summarize
 from taurl.rollout.runner import EnvFactory, RolloutConfig, run_rollout
@@ -177,6 +178,8 @@ class EvalReport:
     models: list[str]  # model labels, in column order (A, then B when comparing)
     results: dict[str, dict[str, EvalMetrics]]  # model label -> env id -> metrics
     comparisons: list[Comparison] = field(default_factory=list)  # B − A per env when comparing
+    # model label -> the environments where episodes errored (count and first error), if any
+    failures: dict[str, list[EnvFailures]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, JSONValue]:
         """JSON-ready (nan becomes None)."""
@@ -188,6 +191,7 @@ class EvalReport:
                 {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(c).items()}
                 for c in self.comparisons
             ],
+            "failures": {m: [f.to_dict() for f in fs] for m, fs in self.failures.items()},
         }
 
     def to_markdown(self) -> str:

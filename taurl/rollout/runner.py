@@ -10,7 +10,9 @@ task_offset + i)`` — the same for its G samples, which form one group — and 
 ``j`` samples with per-request seeds derived from ``(seed, env_id, split, task, j)``.
 
 A crash in an environment (or in making one) marks that episode ``"error"`` with the
-message in ``info["error"]`` and the run goes on; the summary counts them. An error of
+message in ``info["error"]`` (and the traceback's last frames in ``info["traceback"]``)
+and the run goes on; the summary counts them, :mod:`taurl.rollout.failures` reports
+the first. An error of
 the backend itself ends the run (every episode would fail the same way).
 
 Environments come from ``gymnasium.make`` unless ``make_env`` says otherwise (e.g. a
@@ -33,7 +35,7 @@ from typing import IO, Protocol
 import gymnasium
 
 import taurl.envs  # noqa: F401 - registers the built-in environments with Gymnasium
-from taurl.agents.loop import Agent, AgentConfig, derive_seed
+from taurl.agents.loop import Agent, AgentConfig, derive_seed, traceback_summary
 from taurl.envs.base import SPLITS
 from taurl.errors import ConfigError, EnvWorkerLost
 from taurl.rollout.metrics import RolloutSummary, summarize_rollout
@@ -125,12 +127,16 @@ async def for_each_sample(config: RolloutConfig, one: Callable[[int, int], Await
 
 
 def _error_trajectory(
-    env_id: str, group_id: str, seed: int, policy_version: int, message: str
+    env_id: str, group_id: str, seed: int, policy_version: int, message: str,
+    exc: BaseException | None = None,
 ) -> Trajectory:
+    info: dict[str, JSONValue] = {"error": message}
+    if exc is not None:
+        info["traceback"] = traceback_summary(exc)
     return Trajectory(
         token_ids=[], loss_mask=[], logprobs=[], turn_ids=[], rewards=[], episode_return=0.0,
         termination="error", env_id=env_id, seed=seed, group_id=group_id,
-        policy_version=policy_version, info={"error": message},
+        policy_version=policy_version, info=info,
     )
 
 
@@ -191,7 +197,7 @@ async def run_rollout(
             except Exception as exc:  # noqa: BLE001 - a broken env ends its episode, not the run
                 return _error_trajectory(
                     config.env_id, group_id, seed, int(agent.backend.policy_version),
-                    f"gymnasium.make({config.env_id!r}) failed: {type(exc).__name__}: {exc}",
+                    f"gymnasium.make({config.env_id!r}) failed: {type(exc).__name__}: {exc}", exc,
                 )
             try:
                 return await agent.run_episode(
