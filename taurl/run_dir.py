@@ -19,6 +19,7 @@ import json
 import os
 import random
 import shutil
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -128,6 +129,36 @@ class RunDir:
         keep = [line for line in path.read_text().splitlines()
                 if line.strip() and json.loads(line).get("iteration", -1) <= last_iteration]
         _atomic_write(path, "".join(f"{line}\n" for line in keep))
+
+
+class CheckpointSchedule:
+    """When to write a checkpoint: every ``every`` iterations, or (``every`` 0) by time.
+
+    By time, the first iteration of a run (or of a resume) is saved, which measures what
+    a checkpoint costs; after that, one is due once the time since the last one ended
+    is at least ``cost × (1 − budget) / budget``, so checkpoints take at most ``budget``
+    of the run's time. A killed run resumes from the newest checkpoint, as always: it
+    loses the iterations since then (at most about ``cost / budget`` seconds of work).
+    """
+
+    def __init__(self, every: int, budget: float, first: int) -> None:
+        self.every, self.budget, self.first = every, budget, first
+        self.cost = 0.0  # seconds the newest checkpoint took
+        self.last_end = time.perf_counter()
+
+    def due(self, iteration: int) -> bool:
+        """Whether iteration ``iteration`` (just finished) should be saved."""
+        if self.every:
+            return (iteration + 1) % self.every == 0
+        if iteration == self.first:
+            return True
+        since = time.perf_counter() - self.last_end
+        return since >= self.cost * (1 - self.budget) / self.budget
+
+    def saved(self, seconds: float) -> float:
+        """Record that a checkpoint took ``seconds``; return them."""
+        self.cost, self.last_end = seconds, time.perf_counter()
+        return seconds
 
 
 def export_policy(learner: Learner, model_path: Path, out: Path) -> None:

@@ -246,11 +246,11 @@ def test_sigkill_then_resume_loses_at_most_the_iteration_in_progress(tmp_path: P
 
 
 def test_auto_checkpoints_keep_within_their_time_budget(monkeypatch: pytest.MonkeyPatch) -> None:
-    from taurl import trainer
+    from taurl import run_dir
 
     now = [0.0]
-    monkeypatch.setattr(trainer.time, "perf_counter", lambda: now[0])
-    s = trainer.CheckpointSchedule(every=0, budget=0.05, first=3)
+    monkeypatch.setattr(run_dir.time, "perf_counter", lambda: now[0])
+    s = run_dir.CheckpointSchedule(every=0, budget=0.05, first=3)
     assert s.due(3)  # the first iteration of a run or a resume measures the cost
     now[0] = 2.0
     s.saved(2.0)  # 2 s -> the next one is due 2 * 0.95 / 0.05 = 38 s after this one ended
@@ -258,7 +258,7 @@ def test_auto_checkpoints_keep_within_their_time_budget(monkeypatch: pytest.Monk
     assert not s.due(4)
     now[0] = 40.0
     assert s.due(5)
-    every = trainer.CheckpointSchedule(every=2, budget=0.05, first=0)
+    every = run_dir.CheckpointSchedule(every=2, budget=0.05, first=0)
     assert [every.due(i) for i in range(4)] == [False, True, False, True]
 
 
