@@ -1,4 +1,4 @@
-"""The files of one training run: config, checkpoints, metrics and samples.
+"""The files of one training run: config, checkpoints (and when to write them), metrics, samples.
 
 ::
 
