@@ -7,8 +7,8 @@ saying what was expected, what came and the likely cause. Checked:
 - ``reset`` returns ``(list of messages, dict)`` with ``task_id`` (str), ``tools``
   (valid OpenAI-format schemas) and a non-empty first observation;
 - seeding: the same seed gives the same task and the same transitions; different
-  seeds give more than one task, told apart by their first observations (not by
-  ``task_id``, which an adapter may build from the seed); resets with the same seed from
+  seeds give more than one task (for adapted envs told apart by their first
+  observations, not by a ``task_id`` that a hook may build from the seed); resets with the same seed from
   several threads at once give the same task as serial resets (an env that seeds
   Python's global ``random`` fails this: another thread reseeds between its seed and draw);
 - ``step`` returns five values: messages, a finite Python ``float``, two Python
@@ -160,9 +160,12 @@ DISTINCT_TASKS: tuple[str, ...] = ("observation", "task_id", "no")
 def _copies(env: gymnasium.Env, make: Callable[[], gymnasium.Env] | None, n: int) -> list[gymnasium.Env]:
     if make is not None:
         return [make() for _ in range(n)]
-    if env.spec is not None:
+    spec = env.unwrapped.spec  # a wrapper's spec is a deep copy, None when that fails
+    if spec is not None:
+        # The spec's kwargs as they are (not deep-copied): a sandbox or a pool can be shared.
+        kwargs = {k: v for k, v in spec.kwargs.items() if k != "disable_env_checker"}
         with contextlib.suppress(Exception):  # a spec that cannot be remade: try a copy
-            return [gymnasium.make(env.spec, disable_env_checker=True) for _ in range(n)]
+            return [gymnasium.make(spec.id, disable_env_checker=True, **kwargs) for _ in range(n)]
     try:
         return [copy.deepcopy(env) for _ in range(n)]
     except Exception as e:
@@ -228,7 +231,7 @@ def check_env(
     *,
     seeds: Sequence[int] = (0, 1, 2, 3, 4, 5, 6, 7),
     max_steps: int = 200,
-    distinct_tasks: str = "observation",
+    distinct_tasks: str | None = None,
     make: Callable[[], gymnasium.Env] | None = None,
     threads: int = 8,
     rounds: int = 4,
@@ -245,8 +248,10 @@ def check_env(
         distinct_tasks: How different seeds must differ: ``"observation"`` (their first
             observations), ``"task_id"`` (for hidden tasks, e.g. a secret number the first
             observation does not show) or ``"no"`` (a single-task env, e.g. a board game).
+            None: ``"observation"`` for an :class:`~taurl.envs.adapter.EnvAdapter` (whose ids
+            a hook may build from anything), ``"task_id"`` for envs naming their own tasks.
         make: Makes the fresh copies reset from several threads at once (default: from
-            ``env.spec``, else ``copy.deepcopy(env)``).
+            the env's spec, else ``copy.deepcopy(env)``).
         threads: Threads of the concurrent-reset check (0 skips it).
         rounds: Times each thread resets with each seed.
     """
@@ -254,10 +259,12 @@ def check_env(
         raise _fail(f"expected a gymnasium.Env, got {type(env).__name__}")
     if len(seeds) < 2:
         raise _fail(f"seeds must hold at least two seeds to compare tasks, got {list(seeds)}")
-    if distinct_tasks not in DISTINCT_TASKS:
-        raise _fail(f"distinct_tasks must be one of {DISTINCT_TASKS}, got {distinct_tasks!r}")
+    if distinct_tasks is not None and distinct_tasks not in DISTINCT_TASKS:
+        raise _fail(f"distinct_tasks must be one of {DISTINCT_TASKS} or None, got {distinct_tasks!r}")
     base = env.unwrapped
     adapted = isinstance(base, EnvAdapter)
+    if distinct_tasks is None:
+        distinct_tasks = "observation" if adapted else "task_id"
     if getattr(base, "_np_random", None) is None and getattr(base, "task", None) is None:
         _expect_env_error(lambda: env.step("hello"), "step() before reset()")
 
@@ -286,10 +293,11 @@ def check_env(
             "task (a board game), pass distinct_tasks='no'"
             if adapted else "different seeds must give different tasks"
         )
-        raise _fail(f"seeds {list(seeds)} all gave the same first observation ({obs_a!r:.120}); {advice}")
+        what = f"task {info_a['task_id']!r}" if len(task_ids) == 1 else f"{len(task_ids)} task ids"
+        raise _fail(f"seeds {list(seeds)} all gave {what} with the same first observation ({obs_a!r:.120}); {advice}")
     if distinct_tasks == "task_id" and len(task_ids) < 2:
         raise _fail(f"seeds {list(seeds)} all gave task {task_ids.pop()!r}; different seeds must give different tasks")
-    if distinct_tasks == "observation" and len(task_ids) < len(firsts):
+    if distinct_tasks == "observation" and adapted and len(task_ids) < len(firsts):
         raise _fail(
             f"{len(firsts)} different first observations came with only {len(task_ids)} task ids; "
             "a task id must name what the observation poses"
