@@ -24,7 +24,10 @@ How an episode ends (``Trajectory.termination``):
 A turn cut by ``max_tokens`` (no EOS sampled) is closed by the bridge with the
 template's EOS text as non-sampled tokens (mask 0), so the stream stays a valid
 rendering. The observation that ends an episode is never appended to the stream (the
-policy never sees it); it is kept in ``info["final_observation"]`` for readers.
+policy never sees it); it is kept in ``info["final_observation"]`` for readers (an env
+that returns ``[]`` at the end may put its closing messages in its step info's
+``"final_observation"``, as :class:`~taurl.envs.adapter.EnvAdapter` does). Each step's
+``info`` is kept, one dict per turn, in ``info["step_infos"]``.
 """
 
 from __future__ import annotations
@@ -212,6 +215,7 @@ class Agent:
         last_turn: tuple[list[Message], str, bool] | None = None  # (before, content, ended_with_eos)
         methods: set[BridgeMethod] = set()
         finish_reasons: list[str] = []
+        step_infos: list[dict[str, JSONValue]] = []
         tool_calls = tool_errors = 0
 
         try:
@@ -274,13 +278,14 @@ class Agent:
                 ep.info["traceback"] = traceback_summary(exc)
                 break
             ep.rewards.append(float(reward))
+            step_infos.append(dict(step_info))
             tool_calls += int(step_info.get("tool_calls", 0) or 0)
             tool_errors += int(step_info.get("tool_errors", 0) or 0)
             if step_info.get("success") is not None:
                 success = bool(step_info["success"])
             if terminated or truncated or turn + 1 >= self.config.max_turns:
                 termination = "terminated" if terminated else "truncated" if truncated else "max_turns"
-                final_observation = obs
+                final_observation = obs or list(step_info.get("final_observation") or [])
                 break
             bridge = self.renderer.bridge(before, content, ended_with_eos, obs, tools=tools)
             methods.add(bridge.method)
@@ -298,6 +303,7 @@ class Agent:
             tool_errors=tool_errors,
             finish_reasons=list(finish_reasons),
             final_observation=final_observation,
+            step_infos=step_infos,
             bridge_method="dummy" if "dummy" in methods else "diff",
         )
         if self.config.drift_check and termination != "error" and ep.token_ids:

@@ -17,6 +17,14 @@ id                              task                                   turn rewa
 ``taurl/Web-v0``                find facts on a local web site         final answer
 ==============================  =====================================  ============
 
+Environments of other packages (each imported only when made; ``pip install
+'taurl[ecosystem]'``, see :mod:`taurl.envs.thirdparty`): ``skyrl/gsm8k-v0``,
+``skyrl/gsm8k_multi_turn-v0``, ``gem/game.GuessTheNumber-v0-easy``,
+``gem/game.Mastermind-v0-easy``, ``textarena/FifteenPuzzle-v0``,
+``textarena/TicTacToe-v0`` (against a fixed opponent), ``reasoning-gym/leg_counting-v0``,
+``reasoning-gym/basic_arithmetic-v0``; :func:`~taurl.envs.thirdparty.register_thirdparty`
+registers the rest. :class:`EnvAdapter` wraps any other ``reset``/``step`` env.
+
 The environment contract is in :mod:`taurl.envs.base`; tools and their schemas in
 :mod:`taurl.envs.tools`, tool-call parsing in :mod:`taurl.envs.tool_parsing`, running
 calls in :mod:`taurl.envs.tool_execution`.
@@ -28,7 +36,7 @@ from collections.abc import Callable
 
 import gymnasium
 
-from taurl.envs.adapter import TextEnvAdapter
+from taurl.envs.adapter import EnvAdapter, StepResult, TextEnvAdapter, global_random_lock
 from taurl.envs.base import SPLITS, Task, TextEnv, ToolEnv, Turn, answer_tag, last_number, user
 from taurl.envs.checker import EpisodeResult, check_env, run_episode
 from taurl.envs.spaces import MessagesSpace, TextSpace
@@ -43,9 +51,11 @@ from taurl.envs.tools import Tool, format_tool_prompt
 
 __all__ = [
     "SPLITS",
+    "EnvAdapter",
     "EpisodeResult",
     "LenientToolCallParser",
     "MessagesSpace",
+    "StepResult",
     "TagToolCallParser",
     "Task",
     "TextEnv",
@@ -61,6 +71,7 @@ __all__ = [
     "call_tool",
     "check_env",
     "format_tool_prompt",
+    "global_random_lock",
     "last_number",
     "register_env",
     "run_episode",
@@ -95,3 +106,17 @@ register_env("taurl/GuessNumber-v0", "taurl.envs.game:GuessNumberEnv")
 # Code-v0 and Web-v0 live in modules built on taurl.envs.base by the sandbox work.
 register_env("taurl/Code-v0", "taurl.envs.code:CodeEnv")
 register_env("taurl/Web-v0", "taurl.envs.web:WebEnv")
+
+# Other packages' envs, made through taurl.envs.thirdparty (which imports each package only
+# when one of its envs is made). GEM's "category:Name" ids become "gem/category.Name"
+# because Gymnasium reads "module:EnvId" as "import module".
+for _id in (
+    "skyrl/gsm8k-v0", "skyrl/gsm8k_multi_turn-v0",
+    "gem/game.GuessTheNumber-v0-easy", "gem/game.Mastermind-v0-easy",
+    "textarena/FifteenPuzzle-v0", "reasoning-gym/leg_counting-v0", "reasoning-gym/basic_arithmetic-v0",
+):
+    register_env(_id, "taurl.envs.thirdparty:make_thirdparty", name=_id)
+register_env(
+    "textarena/TicTacToe-v0", "taurl.envs.thirdparty:make_thirdparty",
+    name="textarena/TicTacToe-v0", opponent="first_available_move",
+)

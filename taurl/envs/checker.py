@@ -7,7 +7,10 @@ saying what was expected, what came and the likely cause. Checked:
 - ``reset`` returns ``(list of messages, dict)`` with ``task_id`` (str), ``tools``
   (valid OpenAI-format schemas) and a non-empty first observation;
 - seeding: the same seed gives the same task and the same transitions; different
-  seeds give more than one task;
+  seeds give more than one task (for adapted envs told apart by their first
+  observations, not by a ``task_id`` that a hook may build from the seed); resets with the same seed from
+  several threads at once give the same task as serial resets (an env that seeds
+  Python's global ``random`` fails this: another thread reseeds between its seed and draw);
 - ``step`` returns five values: messages, a finite Python ``float``, two Python
   ``bool`` and a dict with int ``tool_calls`` / ``tool_errors`` and, when present, a
   bool ``success``;
@@ -19,14 +22,19 @@ saying what was expected, what came and the likely cause. Checked:
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import math
+import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import gymnasium
 
+from taurl.envs.adapter import EnvAdapter
 from taurl.envs.base import Info
 from taurl.envs.spaces import ROLES
 from taurl.errors import EnvError
@@ -146,7 +154,88 @@ def _expect_env_error(call: Callable[[], object], what: str) -> None:
     raise _fail(f"{what} did not raise; expected taurl.errors.EnvError")
 
 
-def check_env(env: gymnasium.Env, *, seeds: Sequence[int] = (0, 1, 2, 3, 4, 5, 6, 7), max_steps: int = 200) -> None:
+DISTINCT_TASKS: tuple[str, ...] = ("observation", "task_id", "no")
+
+
+def _copies(env: gymnasium.Env, make: Callable[[], gymnasium.Env] | None, n: int) -> list[gymnasium.Env]:
+    if make is not None:
+        return [make() for _ in range(n)]
+    spec = env.unwrapped.spec  # a wrapper's spec is a deep copy, None when that fails
+    if spec is not None:
+        # The spec's kwargs as they are (not deep-copied): a sandbox or a pool can be shared.
+        kwargs = {k: v for k, v in spec.kwargs.items() if k != "disable_env_checker"}
+        with contextlib.suppress(Exception):  # a spec that cannot be remade: try a copy
+            return [gymnasium.make(spec.id, disable_env_checker=True, **kwargs) for _ in range(n)]
+    try:
+        return [copy.deepcopy(env) for _ in range(n)]
+    except Exception as e:
+        raise _fail(
+            f"cannot make copies of {type(env).__name__} for the concurrent-reset check ({type(e).__name__}: "
+            f"{e}); pass make= (a function returning a fresh env)"
+        ) from e
+
+
+def _check_concurrent_resets(
+    env: gymnasium.Env, seeds: Sequence[int], make: Callable[[], gymnasium.Env] | None, threads: int, rounds: int
+) -> None:
+    """Reset ``threads`` copies at once with the same seeds; every reset must match the serial one."""
+    serial = {seed: _check_reset(env, seed) for seed in seeds}
+    envs = _copies(env, make, threads)
+    mismatches: list[str] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(threads)
+
+    def worker(copy_: gymnasium.Env) -> None:
+        try:
+            start.wait()
+            for _ in range(rounds):
+                for seed in seeds:
+                    obs, info = copy_.reset(seed=seed)
+                    if obs != serial[seed][0] or info.get("task_id") != serial[seed][1]["task_id"]:
+                        mismatches.append(f"seed {seed}: {info.get('task_id')!r} instead of {serial[seed][1]['task_id']!r}")
+        except BaseException as e:  # noqa: BLE001 - re-raised in the checking thread
+            errors.append(e)
+
+    # A short switch interval makes threads interleave inside reset(), where a race shows.
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        pool = [threading.Thread(target=worker, args=(e,)) for e in envs]
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+        for e in envs:
+            e.close()
+    if errors:
+        raise _fail(f"reset() raised in a thread: {type(errors[0]).__name__}: {errors[0]}") from errors[0]
+    if mismatches:
+        if isinstance(env.unwrapped, EnvAdapter):
+            advice = (
+                "the wrapped env likely seeds Python's or NumPy's global random state in reset(); "
+                "build the adapter with global_random=True (or None to detect it), and make the "
+                "env under taurl.envs.global_random_lock() if its constructor draws from it"
+            )
+        else:
+            advice = "keep all random state on the instance: draw only from self.np_random, never the random module"
+        raise _fail(
+            f"{len(mismatches)} of {threads * rounds * len(seeds)} resets from {threads} threads gave another "
+            f"task than a serial reset with the same seed (first: {mismatches[0]}); {advice}"
+        )
+
+
+def check_env(
+    env: gymnasium.Env,
+    *,
+    seeds: Sequence[int] = (0, 1, 2, 3, 4, 5, 6, 7),
+    max_steps: int = 200,
+    distinct_tasks: str | None = None,
+    make: Callable[[], gymnasium.Env] | None = None,
+    threads: int = 8,
+    rounds: int = 4,
+) -> None:
     """Check ``env`` against the taurl environment contract; raise EnvError at the first problem.
 
     ``env`` should be freshly made (the step-before-reset rule is checked only if it
@@ -156,27 +245,65 @@ def check_env(env: gymnasium.Env, *, seeds: Sequence[int] = (0, 1, 2, 3, 4, 5, 6
         env: The environment (made with ``gymnasium.make`` or constructed directly).
         seeds: Seeds to reset with; at least two of them must give different tasks.
         max_steps: A garbage-only episode must end within this many steps.
+        distinct_tasks: How different seeds must differ: ``"observation"`` (their first
+            observations), ``"task_id"`` (for hidden tasks, e.g. a secret number the first
+            observation does not show) or ``"no"`` (a single-task env, e.g. a board game).
+            None: ``"observation"`` for an :class:`~taurl.envs.adapter.EnvAdapter` (whose ids
+            a hook may build from anything), ``"task_id"`` for envs naming their own tasks.
+        make: Makes the fresh copies reset from several threads at once (default: from
+            the env's spec, else ``copy.deepcopy(env)``).
+        threads: Threads of the concurrent-reset check (0 skips it).
+        rounds: Times each thread resets with each seed.
     """
     if not isinstance(env, gymnasium.Env):
         raise _fail(f"expected a gymnasium.Env, got {type(env).__name__}")
     if len(seeds) < 2:
         raise _fail(f"seeds must hold at least two seeds to compare tasks, got {list(seeds)}")
+    if distinct_tasks is not None and distinct_tasks not in DISTINCT_TASKS:
+        raise _fail(f"distinct_tasks must be one of {DISTINCT_TASKS} or None, got {distinct_tasks!r}")
     base = env.unwrapped
+    adapted = isinstance(base, EnvAdapter)
+    if distinct_tasks is None:
+        distinct_tasks = "observation" if adapted else "task_id"
     if getattr(base, "_np_random", None) is None and getattr(base, "task", None) is None:
         _expect_env_error(lambda: env.step("hello"), "step() before reset()")
 
     obs_a, info_a = _check_reset(env, seeds[0])
     obs_b, info_b = _check_reset(env, seeds[0])
     if obs_a != obs_b or info_a["task_id"] != info_b["task_id"]:
+        advice = (
+            "the wrapped env does not reproduce its task from the seed; check that its reset() "
+            "takes the seed and seeds everything it draws from"
+            if adapted else "draw the task only from self.np_random"
+        )
         raise _fail(
             f"reset(seed={seeds[0]}) twice gave different tasks ({info_a['task_id']!r} vs "
-            f"{info_b['task_id']!r}); draw the task only from self.np_random"
+            f"{info_b['task_id']!r}); {advice}"
         )
+    firsts = {json.dumps(obs_a, sort_keys=True)}
     task_ids = {info_a["task_id"]}
     for seed in seeds[1:]:
-        task_ids.add(_check_reset(env, seed)[1]["task_id"])
-    if len(task_ids) < 2:
+        obs, info = _check_reset(env, seed)
+        firsts.add(json.dumps(obs, sort_keys=True))
+        task_ids.add(info["task_id"])
+    if distinct_tasks == "observation" and len(firsts) < 2:
+        advice = (
+            "different seeds must give different tasks; if the task is hidden (a secret the first observation does not show), give the adapter "
+            "a task_id= function that reads it and pass distinct_tasks='task_id'; if the env has one "
+            "task (a board game), pass distinct_tasks='no'"
+            if adapted else "different seeds must give different tasks"
+        )
+        what = f"task {info_a['task_id']!r}" if len(task_ids) == 1 else f"{len(task_ids)} task ids"
+        raise _fail(f"seeds {list(seeds)} all gave {what} with the same first observation ({obs_a!r:.120}); {advice}")
+    if distinct_tasks == "task_id" and len(task_ids) < 2:
         raise _fail(f"seeds {list(seeds)} all gave task {task_ids.pop()!r}; different seeds must give different tasks")
+    if distinct_tasks == "observation" and adapted and len(task_ids) < len(firsts):
+        raise _fail(
+            f"{len(firsts)} different first observations came with only {len(task_ids)} task ids; "
+            "a task id must name what the observation poses"
+        )
+    if threads > 0:
+        _check_concurrent_resets(env, seeds, make, threads, rounds)
 
     # Malformed and wrong tool calls become observations; the same seed replays identically.
     actions = [_GARBAGE]
