@@ -44,6 +44,9 @@ from pathlib import Path
 
 import numpy as np
 
+# Run as a script, Python puts benchmarks/ first on the path: put this checkout's taurl ahead of
+# any installed one (an editable install may point at another checkout).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from taurl.envs import Task, TextEnv, Turn, last_number, register_env
 
 ENV_ID = "peer/AddTwo-v0"
@@ -275,9 +278,11 @@ def main(opts: dict) -> None:
                 for row in out["steps"]:
                     row["round"] = r
                 results[kind] += out["steps"]
+                load = os.getloadavg()[0]
                 print(f"round {r + 1}/{rounds} {kind:>5}: "
                       + ", ".join(f"{row['step_s']:.1f}" for row in out["steps"])
-                      + f" s/step ({time.perf_counter() - t0:.0f} s with start-up)", flush=True)
+                      + f" s/step ({time.perf_counter() - t0:.0f} s with start-up; load average "
+                      f"{load:.1f} at its end)", flush=True)
     stats = {k: summary([row["step_s"] for row in v]) for k, v in results.items()}
     parts = {"taurl": ("rollout", "update", "sync", "checkpoint"), "trl": ("rollout", "generate", "update")}
     print("\n| framework | s/step median | min–max | components (median s) | sampled success "
