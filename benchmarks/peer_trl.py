@@ -9,8 +9,10 @@ clip 0.2, no KL term, lr 5e-6, max grad norm 1.0, one optimizer step per batch, 
 checkpointing.
 
 - taurl: ``taurl.trainer.train`` as it runs by default (in-process vLLM engine sampling, the
-  learner's update, the weight sync into vLLM, a checkpoint every iteration), with the
-  evaluation off. A step is one iteration: rollout + update + sync + checkpoint.
+  learner's update, the weight sync into vLLM, checkpoints within 5% of the run's time), with
+  the evaluation off. A step is one iteration's wall-clock time: rollout + update + sync (+
+  a checkpoint when one is due); with ``off_policy=1`` (``rollout.max_off_policy_steps``)
+  the next batch's rollout overlaps the update.
 - TRL: ``GRPOTrainer`` with ``use_cpu=True, bf16=False``: it samples with transformers'
   ``generate`` on the policy itself (no sync needed) and saves nothing. A step is one
   optimizer step: generation + scoring + forward/backward + AdamW.
@@ -26,6 +28,7 @@ Needs the ``peer`` extra (``pip install -e '.[peer]'``: TRL, pinned to the versi
 
     python benchmarks/peer_trl.py                       # 4 measured steps each, 2 rounds
     python benchmarks/peer_trl.py steps=3 rounds=3 out=docs/results/peer-trl.json
+    python benchmarks/peer_trl.py off_policy=1          # taurl with asynchronous rollout
 """
 
 from __future__ import annotations
@@ -54,7 +57,10 @@ PROMPT = "What is {a}+{b}? Give only the number."
 LOW, HIGH = 10, 99
 NUM_PROMPTS, GROUP_SIZE, MAX_NEW_TOKENS = 2, 8, 64
 LR, MAX_GRAD_NORM, CLIP_EPS = 5e-6, 1.0, 0.2
-DEFAULTS = {"steps": 4, "rounds": 2, "warmup": 1, "model": "smollm2-135m", "out": "", "logs": ""}
+DEFAULTS = {"steps": 4, "rounds": 2, "warmup": 1, "model": "smollm2-135m", "out": "", "logs": "",
+            "off_policy": 0}
+#: taurl's rollout.max_off_policy_steps (option off_policy=k; 0 = synchronous, 1 = async)
+OFF_POLICY = 0
 
 
 def reward(text: str, answer: int) -> float:
@@ -111,6 +117,7 @@ def run_taurl(model: str, seed: int, warmup: int, steps: int) -> dict:
             rollout=RolloutConfig(
                 env_id=ENV_ID, num_tasks=NUM_PROMPTS, samples_per_task=GROUP_SIZE,
                 max_in_flight=NUM_PROMPTS * GROUP_SIZE, progress=False,
+                max_off_policy_steps=OFF_POLICY,
                 agent=AgentConfig(max_turns=1, sampling=SamplingParams(
                     max_tokens=MAX_NEW_TOKENS, temperature=1.0)),
             ),
@@ -128,7 +135,9 @@ def run_taurl(model: str, seed: int, warmup: int, steps: int) -> dict:
     out = []
     for r in rows[warmup:]:
         comp = {p[:-2]: r.get(f"timing/{p}", 0.0) for p in parts}
-        out.append({"step_s": sum(comp.values()), **comp, "success": r.get("rollout/success"),
+        # the iteration's wall-clock time: with async rollout the phases overlap
+        step_s = r.get("timing/iteration_s", sum(comp.values()))
+        out.append({"step_s": step_s, **comp, "success": r.get("rollout/success"),
                     "new_tokens": r.get("rollout/sampled_tokens"),
                     "prompt_tokens": r.get("rollout/episode_tokens", 0.0) - r.get("rollout/sampled_tokens", 0.0)})
     return {"steps": out}
@@ -236,7 +245,7 @@ def run_worker(kind: str, model: str, seed: int, warmup: int, steps: int, log: P
     """Run one framework in a fresh process; its output goes to ``log``."""
     result = log.with_suffix(".json")
     cmd = [sys.executable, __file__, f"worker={kind}", f"model={model}", f"seed={seed}",
-           f"warmup={warmup}", f"steps={steps}", f"result={result}"]
+           f"warmup={warmup}", f"steps={steps}", f"result={result}", f"off_policy={OFF_POLICY}"]
     with open(log, "w") as f:
         proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=False)
     if proc.returncode != 0 or not result.exists():
@@ -288,7 +297,7 @@ def main(opts: dict) -> None:
     print("\n| framework | s/step median | min–max | components (median s) | sampled success "
           "| new tokens/sample |\n|---|---|---|---|---|---|")
     for kind, label in (("trl", f"TRL {info['trl']} GRPOTrainer (HF generate)"),
-                        ("taurl", "taurl (vLLM)")):
+                        ("taurl", f"taurl (vLLM, max_off_policy_steps={OFF_POLICY})")):
         s, rows = stats[kind], results[kind]
         comp = ", ".join(f"{p} {statistics.median(row[p] for row in rows):.2f}" for p in parts[kind])
         succ = [row["success"] for row in rows if row.get("success") is not None]
@@ -327,6 +336,7 @@ def parse(argv: list[str]) -> dict:
 
 if __name__ == "__main__":
     opts = parse(sys.argv[1:])
+    OFF_POLICY = int(opts["off_policy"])
     if "worker" in opts:
         kind = opts["worker"]
         res = WORKERS[kind](opts["model"], int(opts["seed"]), int(opts["warmup"]), int(opts["steps"]))
