@@ -127,7 +127,9 @@ def test_mcp_tools_are_listed_called_bounded_and_their_server_closed(server: lis
 def test_an_mcp_env_keeps_the_env_contract(server: list[str]) -> None:
     env = MCPEnv(server)
     try:
-        check_env(env)
+        # the concurrent-reset check resets fresh copies, each with its own server (one env per
+        # episode, as the runner makes them): two keep the test quick
+        check_env(env, make=lambda: MCPEnv(server), threads=2, rounds=1)
     finally:
         env.close()
     assert _gone(_pid(server))
