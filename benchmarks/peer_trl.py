@@ -103,7 +103,7 @@ def tasks_of_run(seed: int, count: int) -> list[Task]:
 
 
 def run_taurl(model: str, seed: int, warmup: int, steps: int) -> dict:
-    from taurl.agents.backend import BackendConfig
+    from taurl.agents.config import BackendConfig
     from taurl.agents.loop import AgentConfig
     from taurl.rollout import RolloutConfig
     from taurl.trainer import TrainConfig, train
