@@ -71,8 +71,11 @@ class SharedWeights:
 
     The file lives in ``/dev/shm`` (RAM) when it has room (a container's is often only
     64 MiB), else in the system temp dir (the page cache still serves the workers). It
-    is kept from one :meth:`write` to the next while the weights fit, so a sync is one
-    copy of each tensor into memory the workers already know. :meth:`close` deletes it.
+    is unlinked as soon as it is made and reached through this process's descriptor
+    (:attr:`path` is ``/proc/<pid>/fd/<n>``), so however the trainer ends, even by
+    SIGKILL, its memory goes back with the process. It is kept from one :meth:`write` to
+    the next while the weights fit, so a sync is one copy of each tensor into memory the
+    workers already know. :meth:`close` releases it.
     """
 
     ALIGN = 64  # bytes: every tensor starts aligned for any dtype's view
@@ -81,6 +84,7 @@ class SharedWeights:
         self.directory = directory  # None: /dev/shm when it has room, else the temp dir
         self.path: str | None = None
         self.nbytes = 0
+        self._fd: int | None = None
         self._mm: mmap.mmap | None = None
 
     def write(self, state_dict: Mapping[str, torch.Tensor]) -> Layout:
@@ -94,15 +98,18 @@ class SharedWeights:
             layout.append((name, str(t.dtype).removeprefix("torch."), list(t.shape), offset))
             end = offset + t.numel() * t.element_size()
         if self._mm is None or end > self.nbytes:
-            self.close()
-            where = self.directory or _shm_with_room(end)
-            fd, self.path = tempfile.mkstemp(prefix="taurl-weights-", dir=where)
+            nbytes = max(end, 1)
+            fd, name = tempfile.mkstemp(prefix="taurl-weights-", dir=self.directory or _shm_with_room(nbytes))
+            os.unlink(name)  # reached through the descriptor from now on
             try:
-                os.ftruncate(fd, max(end, 1))
-                self._mm = mmap.mmap(fd, max(end, 1))
-            finally:
+                os.ftruncate(fd, nbytes)
+                mm = mmap.mmap(fd, nbytes)
+            except BaseException:
                 os.close(fd)
-            self.nbytes = max(end, 1)
+                raise
+            self.close()  # after the new one is open, so its /proc path differs from the old one's
+            self._fd, self._mm, self.nbytes = fd, mm, nbytes
+            self.path = f"/proc/{os.getpid()}/fd/{fd}"
         flat = torch.frombuffer(self._mm, dtype=torch.uint8)
         for (_, _, shape, offset), t in zip(layout, state_dict.values(), strict=True):
             n = t.numel() * t.element_size()
@@ -110,19 +117,17 @@ class SharedWeights:
         return layout
 
     def close(self) -> None:
-        """Unmap and delete the file. Idempotent."""
+        """Unmap and close the file (its memory is freed). Idempotent."""
         if self._mm is not None:
             try:
                 self._mm.close()
             except BufferError:  # a view is still alive somewhere: the GC unmaps it later
                 pass
             self._mm = None
-        if self.path is not None:
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
-            self.path = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self.path = None
 
 
 def _shm_with_room(nbytes: int) -> str | None:

@@ -311,6 +311,8 @@ def test_shared_weights_round_trip_and_reuse(tmp_path: Path) -> None:
     layout = shared.write(state)
     assert all(offset % SharedWeights.ALIGN == 0 for *_, offset in layout)
     path = shared.path
+    # unlinked at once, reached through this process's descriptor: a killed trainer leaves no file
+    assert list(tmp_path.iterdir()) == [] and Path(path).exists()
 
     def read() -> dict[str, torch.Tensor]:
         with open(shared.path, "rb") as f:
