@@ -31,6 +31,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import gymnasium
 
@@ -39,6 +40,8 @@ from taurl.envs.base import Info
 from taurl.envs.spaces import ROLES
 from taurl.errors import EnvError
 from taurl.types import Message
+
+T = TypeVar("T")
 
 Policy = Callable[[gymnasium.Env, list[Message]], str]
 """A scripted agent: ``(env, conversation so far) -> next assistant text``."""
@@ -175,6 +178,36 @@ def _copies(env: gymnasium.Env, make: Callable[[], gymnasium.Env] | None, n: int
         ) from e
 
 
+def run_concurrently(fn: Callable[[T], None], items: Sequence[T]) -> list[BaseException]:
+    """Run ``fn(item)`` for every item, each in its own thread, all released at once.
+
+    A 1 µs switch interval makes the threads interleave inside ``fn`` (a race between a
+    global seed and a draw shows within a few hundred resets); it is restored afterwards.
+    Returns what the threads raised.
+    """
+    errors: list[BaseException] = []
+    start = threading.Barrier(len(items))
+
+    def run(item: T) -> None:
+        try:
+            start.wait()
+            fn(item)
+        except BaseException as e:  # noqa: BLE001 - returned to the caller's thread
+            errors.append(e)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        pool = [threading.Thread(target=run, args=(item,)) for item in items]
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    return errors
+
+
 def _check_concurrent_resets(
     env: gymnasium.Env, seeds: Sequence[int], make: Callable[[], gymnasium.Env] | None, threads: int, rounds: int
 ) -> None:
@@ -182,31 +215,17 @@ def _check_concurrent_resets(
     serial = {seed: _check_reset(env, seed) for seed in seeds}
     envs = _copies(env, make, threads)
     mismatches: list[str] = []
-    errors: list[BaseException] = []
-    start = threading.Barrier(threads)
 
     def worker(copy_: gymnasium.Env) -> None:
-        try:
-            start.wait()
-            for _ in range(rounds):
-                for seed in seeds:
-                    obs, info = copy_.reset(seed=seed)
-                    if obs != serial[seed][0] or info.get("task_id") != serial[seed][1]["task_id"]:
-                        mismatches.append(f"seed {seed}: {info.get('task_id')!r} instead of {serial[seed][1]['task_id']!r}")
-        except BaseException as e:  # noqa: BLE001 - re-raised in the checking thread
-            errors.append(e)
+        for _ in range(rounds):
+            for seed in seeds:
+                obs, info = copy_.reset(seed=seed)
+                if obs != serial[seed][0] or info.get("task_id") != serial[seed][1]["task_id"]:
+                    mismatches.append(f"seed {seed}: {info.get('task_id')!r} instead of {serial[seed][1]['task_id']!r}")
 
-    # A short switch interval makes threads interleave inside reset(), where a race shows.
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
     try:
-        pool = [threading.Thread(target=worker, args=(e,)) for e in envs]
-        for t in pool:
-            t.start()
-        for t in pool:
-            t.join()
+        errors = run_concurrently(worker, envs)
     finally:
-        sys.setswitchinterval(interval)
         for e in envs:
             e.close()
     if errors:

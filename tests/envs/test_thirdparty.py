@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import random
-import threading
 
 import gymnasium
 import pytest
 
 import taurl.envs  # noqa: F401  registers the ids
 from taurl.envs import EnvAdapter, StepResult, check_env, run_episode
-from taurl.envs.checker import _check_concurrent_resets
+from taurl.envs.checker import _check_concurrent_resets, run_concurrently
 from taurl.errors import ConfigError, EnvError
 
 pytest.importorskip("gem")
@@ -148,29 +147,15 @@ def _serial_and_concurrent(make: callable, seeds: range, threads: int = 8, round
         return obs[0]["content"], env.env.game_number
 
     serial = {s: draw(make(), s) for s in seeds}
-    envs = [make() for _ in range(threads)]
     bad = []
-    barrier = threading.Barrier(threads)
 
     def worker(env: EnvAdapter) -> None:
-        barrier.wait()
         for _ in range(rounds):
             for s in seeds:
                 if draw(env, s) != serial[s]:
                     bad.append(s)
 
-    import sys
-
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        pool = [threading.Thread(target=worker, args=(e,)) for e in envs]
-        for t in pool:
-            t.start()
-        for t in pool:
-            t.join()
-    finally:
-        sys.setswitchinterval(interval)
+    assert run_concurrently(worker, [make() for _ in range(threads)]) == []
     return len(bad)
 
 
