@@ -262,6 +262,9 @@ async def train_async(
             last = it == cfg.iterations - 1 or (
                 cfg.time_budget_min and elapsed_min >= cfg.time_budget_min
             )
+            if last:  # the batch sampled ahead is not needed, and would slow the eval down
+                await _drop(pending)
+                pending = None
             if cfg.eval_every and cfg.eval_episodes and ((it + 1) % cfg.eval_every == 0 or last):
                 t0 = time.perf_counter()
                 metrics.update(await _evaluate(cfg, agent, make_env, reported))
@@ -280,10 +283,7 @@ async def train_async(
                 break
         _lead("stop")
     finally:
-        if pending is not None:  # a run that stops early drops the batch sampled ahead
-            pending.cancel()
-            with contextlib.suppress(BaseException):
-                await pending
+        await _drop(pending)  # a run that stops early drops the batch sampled ahead
         logger.close()
         if own_backend:
             await backend.close()
@@ -401,6 +401,14 @@ async def _learn(
     if cfg.log_samples:
         log.samples(it, trajs[: cfg.log_samples])
     return metrics
+
+
+async def _drop(task: asyncio.Task[tuple[RolloutResult, float]] | None) -> None:
+    """Cancel a rollout sampled ahead and wait for it to unwind (None: nothing to do)."""
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
 
 
 async def _maybe_thread(in_thread: bool, fn: Callable[..., T], *args: object) -> T:

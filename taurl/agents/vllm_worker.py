@@ -25,6 +25,7 @@ on disk. Measured on the 135M model with ``benchmarks/weight_sync.py`` (README).
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import tempfile
@@ -146,9 +147,7 @@ def read_shared(buffer: mmap.mmap, layout: Layout) -> Iterator[tuple[str, torch.
     flat = torch.frombuffer(buffer, dtype=torch.uint8)
     for name, dtype, shape, offset in layout:
         dt = getattr(torch, dtype)
-        n = dt.itemsize
-        for d in shape:
-            n *= d
+        n = math.prod(shape) * dt.itemsize
         yield name, flat[offset : offset + n].view(dt).view(shape)
 
 
