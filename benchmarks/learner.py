@@ -5,13 +5,17 @@ Both run the same model on the same trajectories, packed into the same micro-bat
 learner pays, written as efficiently as plain PyTorch allows: the decoder's hidden
 states → the LM head on the sampled positions only → cross-entropy → backward →
 AdamW. The GRPO update adds what GRPO needs (advantages, ratio, clipping, importance
-weights, metrics). Each phase runs in its own process so that its peak memory is its
+weights, metrics), computed over the same tokens (``share_prefix`` off). A third phase,
+``grpo-shared``, is the default update, which runs a prompt the rows of a group share only
+once (``learner.share_prefix``); ``--shared-prompt`` gives each group one prompt, as GRPO's
+samples have (otherwise every row's tokens are random and nothing is shared). Each phase runs in its own process so that its peak memory is its
 own. To show the floor is a real one, the bare phase also reports its achieved FLOP/s
 (6 × parameters × tokens for the decoder, 6 × hidden × vocab per sampled token for
 the head) next to a plain ``a @ b`` matmul's FLOP/s on the same cores and precision.
 
     .venv/bin/python benchmarks/learner.py                     # SmolLM2-135M, 16 x 256 tokens
     .venv/bin/python benchmarks/learner.py --model tiny-random --batch 8 --seq-len 128
+    .venv/bin/python benchmarks/learner.py --shared-prompt --group-size 8 --prompt-len 128
 
 Prints one JSON line per phase and a Markdown table: the GRPO update's seconds per step
 over the bare loop's (target <= 1.3) and the bare loop's share of the matmul rate.
@@ -29,15 +33,18 @@ import time
 from pathlib import Path
 
 
-def make_trajectories(batch: int, seq_len: int, group_size: int, seed: int = 0):
-    """``batch`` two-turn trajectories of exactly ``seq_len`` tokens (1/4 prompt, 16-token
-    observation between the turns), random token ids, rewards 0/1 with variance in each group.
+def make_trajectories(batch: int, seq_len: int, group_size: int, seed: int = 0,
+                      prompt_len: int = 0, shared_prompt: bool = False):
+    """``batch`` two-turn trajectories of exactly ``seq_len`` tokens (a ``prompt_len`` prompt,
+    default 1/4; a 16-token observation between the turns), random token ids (the same
+    prompt within a group with ``shared_prompt``), rewards 0/1 with variance in each group.
     The sampler log-probs are a constant: their values change the update's numbers, not its cost.
     """
     from taurl.types import Trajectory
 
     rng = random.Random(seed)
-    prompt_len, obs_len = seq_len // 4, 16
+    prompt_len, obs_len = prompt_len or seq_len // 4, 16
+    prompts: dict[int, list[int]] = {}
     turn_len = (seq_len - prompt_len - obs_len) // 2
     tail = seq_len - prompt_len - obs_len - 2 * turn_len
     out = []
@@ -45,6 +52,8 @@ def make_trajectories(batch: int, seq_len: int, group_size: int, seed: int = 0):
         mask = [0] * prompt_len + [1] * turn_len + [0] * obs_len + [1] * (turn_len + tail)
         turns = [-1] * prompt_len + [0] * (turn_len + obs_len) + [1] * (turn_len + tail)
         ids = [rng.randrange(100, 40000) for _ in range(seq_len)]
+        if shared_prompt:
+            ids[:prompt_len] = prompts.setdefault(i // group_size, ids[:prompt_len])
         reward = float(i % 2)
         out.append(Trajectory(
             token_ids=ids, loss_mask=mask, logprobs=[-1.0 * m for m in mask], turn_ids=turns,
@@ -92,16 +101,17 @@ def run_phase(phase: str, args: argparse.Namespace, queue) -> None:
     cfg = LearnerConfig(
         algorithm="grpo", options=AlgorithmOptions(kl_coef=args.kl_coef), lr=1e-6,
         dtype=args.dtype, device=args.device, micro_batch_tokens=args.micro_batch_tokens,
-        gradient_checkpointing=args.gradient_checkpointing,
+        gradient_checkpointing=args.gradient_checkpointing, share_prefix=phase == "grpo-shared",
     )
     learner = Learner(cfg, path)
-    trajs = make_trajectories(args.batch, args.seq_len, args.group_size)
+    trajs = make_trajectories(args.batch, args.seq_len, args.group_size,
+                              prompt_len=args.prompt_len, shared_prompt=args.shared_prompt)
     tokens = sum(len(t.token_ids) for t in trajs)
     device = learner.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    if phase == "grpo":
+    if phase.startswith("grpo"):
         def step() -> None:
             learner.update(trajs)
     else:
@@ -161,6 +171,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16, help="trajectories per update")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per trajectory")
     p.add_argument("--group-size", type=int, default=4)
+    p.add_argument("--prompt-len", type=int, default=0, help="prompt tokens (0 = seq-len / 4)")
+    p.add_argument("--shared-prompt", action="store_true",
+                   help="the rows of a group share their prompt, as GRPO's samples do")
     p.add_argument("--micro-batch-tokens", type=int, default=4096)
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "float32"])
     p.add_argument("--device", default="auto")
@@ -173,24 +186,25 @@ def main() -> None:
 
     ctx = mp.get_context("spawn")
     results = {}
-    for phase in ("bare", "grpo"):
+    for phase in ("bare", "grpo", "grpo-shared"):
         queue = ctx.Queue()
         proc = ctx.Process(target=run_phase, args=(phase, args, queue))
         proc.start()
         results[phase] = queue.get()
         proc.join()
         print(json.dumps(results[phase]), flush=True)
-    bare, grpo = results["bare"], results["grpo"]
+    bare, grpo, shared = results["bare"], results["grpo"], results["grpo-shared"]
     ratio = grpo["seconds_per_step"] / bare["seconds_per_step"]
     print(f"\n| {args.model} {bare['device']} {bare['precision']}, {args.batch} x {args.seq_len} "
           "tokens | tokens/s | s/step | peak memory (MiB) |\n|---|---|---|---|")
-    for r in (bare, grpo):
+    for r in (bare, grpo, shared):
         print(f"| {r['phase']} | {r['tokens_per_s']} | {r['seconds_per_step']} | "
               f"{r['peak_memory_mb']} |")
     print(f"\nGRPO update / bare loop = {ratio:.2f}x the seconds per step (target <= 1.3); "
           f"bare loop at {bare['achieved_gflops']} GFLOP/s = "
           f"{100 * bare['achieved_gflops'] / bare['matmul_gflops']:.0f}% of a plain matmul's "
-          f"{bare['matmul_gflops']} GFLOP/s")
+          f"{bare['matmul_gflops']} GFLOP/s; with shared prompts run once, "
+          f"{shared['seconds_per_step'] / bare['seconds_per_step']:.2f}x")
 
 
 if __name__ == "__main__":

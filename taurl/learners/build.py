@@ -81,11 +81,12 @@ class TrainedModules(nn.Module):
     """
 
     def __init__(self, policy: nn.Module, value_head: nn.Module | None,
-                 critic: ValueModel | None) -> None:
+                 critic: ValueModel | None, share_prefix: bool = True) -> None:
         super().__init__()
         self.policy = policy
         self.value_head = value_head
         self.critic = critic
+        self.share_prefix = share_prefix  # run a prompt the rows share once (policy_forward)
 
     def forward(
         self, input_ids_B_T: torch.Tensor, mask_B_T: torch.Tensor, chunk_tokens: int,
@@ -93,7 +94,8 @@ class TrainedModules(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``(logp_B_T, entropy_B_T, values_B_T | None)``, float32, as :func:`policy_forward`."""
         out = policy_forward(self.policy, input_ids_B_T, mask_B_T, chunk_tokens,
-                             self.value_head, entropy_grad=entropy_grad)
+                             self.value_head, entropy_grad=entropy_grad,
+                             share_prefix=self.share_prefix)
         values = self.critic(input_ids_B_T) if self.critic is not None else out.values_B_T
         return out.logp_B_T, out.entropy_B_T, values
 

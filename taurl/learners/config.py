@@ -50,6 +50,7 @@ class LearnerConfig:
     max_grad_norm: float = 1.0  # clip the global gradient norm to this; 0 = no clipping
     micro_batch_tokens: int = 8192  # padded tokens per forward/backward; more are accumulated
     logprob_chunk_tokens: int = 1024  # sampled tokens per chunk of the vocabulary log-softmax
+    share_prefix: bool = True  # run a prompt several rows share once (KV cache), not per row
     dtype: Literal["auto", "bf16", "float32"] = "auto"  # auto: bf16 on CUDA / native-bf16 CPUs
     device: str = "auto"  # auto: cuda when a GPU is present, else cpu; or a torch device
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory

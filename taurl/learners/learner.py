@@ -85,7 +85,8 @@ class Learner:
         self.model, self.ref_model = built.policy, built.ref_model
         self.value_head, self.critic = built.value_head, built.critic
         self.teacher_model, self.tokenizer = built.teacher_model, built.tokenizer
-        self.trained_modules = build.TrainedModules(self.model, self.value_head, self.critic)
+        self.trained_modules = build.TrainedModules(self.model, self.value_head, self.critic,
+                                                   config.share_prefix)
         # The module the training forward runs through: DDP's wrapper, or the modules
         # themselves (alone, or sharded in place by FSDP2). Scoring never needs DDP.
         self._train_forward: nn.Module = self.trained_modules

@@ -255,6 +255,67 @@ class PolicyOutput:
     values_B_T: torch.Tensor | None  # float32 [B, T] from the value head, when there is one
 
 
+def shared_prefixes(
+    input_ids_B_T: torch.Tensor, mask_B_T: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The distinct contexts the rows read before their first sampled token, to run once each.
+
+    C is the earliest sampled position over the rows: every row's first C tokens are
+    context (prompt), none of them a token to score. A GRPO group's samples share their
+    prompt, so K distinct prefixes stand for B rows.
+
+    Returns:
+        ``(prefixes_K_C, row_prefix_B)`` (int64; row b's first C tokens are
+        ``prefixes_K_C[row_prefix_B[b]]``), or None when running the prefixes once
+        saves nothing (K = B, or C = 0, e.g. a row with no sampled token).
+    """
+    B = input_ids_B_T.shape[0]
+    if B < 2:
+        return None
+    C = int((mask_B_T > 0).float().argmax(1).min())
+    if C < 1:
+        return None
+    prefixes_K_C, row_prefix_B = torch.unique(input_ids_B_T[:, :C], dim=0, return_inverse=True)
+    if prefixes_K_C.shape[0] == B:
+        return None
+    return prefixes_K_C, row_prefix_B
+
+
+def _can_share_prefix(backbone: nn.Module, width: int) -> bool:
+    """A KV cache carries the prefix exactly: no activation checkpointing (it turns the
+    cache off while training) and no sliding window shorter than the rows."""
+    if backbone.training and getattr(backbone, "is_gradient_checkpointing", False):
+        return False
+    config = getattr(backbone, "config", None)
+    window = getattr(config, "sliding_window", None)
+    return not (window and getattr(config, "use_sliding_window", True) and window < width)
+
+
+def decoder_hidden(backbone: nn.Module, input_ids_B_T: torch.Tensor,
+                   mask_B_T: torch.Tensor, share_prefix: bool = True) -> torch.Tensor:
+    """[B, T, D] last hidden states, running each shared prompt once (``share_prefix``).
+
+    With shared prefixes (:func:`shared_prefixes`) the decoder runs the K distinct
+    prefixes, copies their KV cache to the B rows and runs only the rows' suffixes
+    against it: K·C + B·(T − C) tokens instead of B·T, for the same hidden states (up to
+    float rounding) and, through the cache, the same gradients. Otherwise one plain
+    forward.
+    """
+    shared = shared_prefixes(input_ids_B_T, mask_B_T) if share_prefix else None
+    if shared is None or not _can_share_prefix(backbone, input_ids_B_T.shape[1]):
+        return backbone(input_ids=input_ids_B_T, use_cache=False).last_hidden_state
+    prefixes_K_C, row_prefix_B = shared
+    C = prefixes_K_C.shape[1]
+    head = backbone(input_ids=prefixes_K_C, use_cache=True)
+    cache = head.past_key_values
+    if cache is None or not hasattr(cache, "reorder_cache"):
+        return backbone(input_ids=input_ids_B_T, use_cache=False).last_hidden_state
+    cache.reorder_cache(row_prefix_B)  # K → B rows; an index, so gradients flow back
+    tail = backbone(input_ids=input_ids_B_T[:, C:], past_key_values=cache,
+                    use_cache=False).last_hidden_state
+    return torch.cat([head.last_hidden_state[row_prefix_B], tail], dim=1)
+
+
 def policy_forward(
     model: nn.Module,
     input_ids_B_T: torch.Tensor,
@@ -262,10 +323,14 @@ def policy_forward(
     chunk_tokens: int,
     value_head: nn.Module | None = None,
     entropy_grad: bool = False,
+    share_prefix: bool = True,
 ) -> PolicyOutput:
-    """Run the decoder once; score the sampled tokens and, optionally, read the value head."""
+    """Run the decoder once; score the sampled tokens and, optionally, read the value head.
+
+    ``share_prefix``: rows with the same prompt run it once (:func:`decoder_hidden`).
+    """
     backbone, lm_head = backbone_and_head(model)
-    hidden = backbone(input_ids=input_ids_B_T, use_cache=False).last_hidden_state
+    hidden = decoder_hidden(backbone, input_ids_B_T, mask_B_T, share_prefix)
     logp, ent = token_logprobs(hidden, lm_head, input_ids_B_T, mask_B_T, chunk_tokens, entropy_grad)
     values = shifted_values(value_head, hidden) if value_head is not None else None
     return PolicyOutput(logp, ent, values)

@@ -85,10 +85,12 @@ def score(learner: Learner, batch: Batch, trajs: list[Trajectory], need_old: boo
                 with adapter_disabled(learner.model):
                     ref = learner.ref_model or learner.model
                     s.ref_logp[idx, :W] = policy_forward(
-                        ref, ids, mask, cfg.logprob_chunk_tokens).logp_B_T
+                        ref, ids, mask, cfg.logprob_chunk_tokens,
+                        share_prefix=cfg.share_prefix).logp_B_T
             if learner.teacher_model is not None:
                 s.teacher_logp[idx, :W] = policy_forward(
-                    learner.teacher_model, ids, mask, cfg.logprob_chunk_tokens).logp_B_T
+                    learner.teacher_model, ids, mask, cfg.logprob_chunk_tokens,
+                    share_prefix=cfg.share_prefix).logp_B_T
     for t in (s.old_logp, s.values, s.ref_logp):
         if t is not None:
             D.all_reduce_(t)

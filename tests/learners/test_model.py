@@ -11,7 +11,14 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from taurl.learners.config import LoraConfig
-from taurl.learners.model import add_lora, export_state_dict, policy_forward
+from taurl.learners.model import (
+    add_lora,
+    backbone_and_head,
+    export_state_dict,
+    new_value_head,
+    policy_forward,
+    shared_prefixes,
+)
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +75,83 @@ def test_chunked_logprob_gradient_matches_full(model, entropy_grad: bool) -> Non
         # gradient (largest entries ~1), depending on summation order.
         torch.testing.assert_close(p.grad, ref_grads[n], atol=1e-4, rtol=1e-4, msg=n)
     model.zero_grad()
+
+
+def grouped_rows(prompts: int, samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """GRPO-shaped rows: ``prompts`` prompts (7 and 9 tokens) × ``samples`` completions of
+    different lengths, right-padded with 0; the mask is 1 on the completions."""
+    g = torch.Generator().manual_seed(seed)
+    rows, masks = [], []
+    for p in range(prompts):
+        prompt = torch.randint(100, 1000, (7 + 2 * p,), generator=g).tolist()
+        for s in range(samples):
+            completion = torch.randint(100, 1000, (3 + 2 * s,), generator=g).tolist()
+            rows.append(prompt + completion)
+            masks.append([0.0] * len(prompt) + [1.0] * len(completion))
+    T = max(len(r) for r in rows)
+    ids = torch.tensor([r + [0] * (T - len(r)) for r in rows])
+    mask = torch.tensor([m + [0.0] * (T - len(m)) for m in masks])
+    return ids, mask
+
+
+def test_shared_prefixes_are_the_distinct_prompts_before_the_first_sampled_token() -> None:
+    ids, mask = grouped_rows(prompts=2, samples=3, seed=0)
+    prefixes, row_prefix = shared_prefixes(ids, mask)
+    assert prefixes.shape == (2, 7)  # C = the earliest sampled position over the rows
+    torch.testing.assert_close(prefixes[row_prefix], ids[:, :7])
+    assert shared_prefixes(ids[::3], mask[::3]) is None  # one row per prompt: nothing shared
+    mask[4] = 0  # a row with no sampled token: C = 0
+    assert shared_prefixes(ids, mask) is None
+
+
+def test_shared_prefix_forward_equals_the_plain_forward_with_gradients(model) -> None:
+    """Running each prompt once through the KV cache gives the same log-probs, entropies,
+    values and gradients as running every row whole, and the decoder sees fewer tokens."""
+    ids, mask = grouped_rows(prompts=2, samples=3, seed=2)
+    head = new_value_head(model.config.hidden_size, torch.device("cpu"))
+    torch.nn.init.normal_(head.weight, std=0.1)  # a zero head would hide wrong hidden states
+    w = torch.randn(ids.shape, generator=torch.Generator().manual_seed(3))
+    seen: list[int] = []
+    embed = backbone_and_head(model)[0].get_input_embeddings()
+    hook = embed.register_forward_hook(lambda _m, args, _o: seen.append(args[0].numel()))
+    results = {}
+    try:
+        for share in (False, True):
+            model.zero_grad()
+            head.zero_grad()
+            seen.clear()
+            out = policy_forward(model, ids, mask, 4, head, entropy_grad=True, share_prefix=share)
+            ((out.logp_B_T + out.entropy_B_T) * w + out.values_B_T * mask).sum().backward()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+            grads.update({f"head.{n}": p.grad.clone() for n, p in head.named_parameters()})
+            results[share] = (out, grads, sum(seen))
+    finally:
+        hook.remove()
+        model.zero_grad()
+    (plain, plain_grads, plain_tokens), (shared, shared_grads, shared_tokens) = (
+        results[False], results[True])
+    B, T = ids.shape
+    assert plain_tokens == B * T
+    assert shared_tokens == 2 * 7 + B * (T - 7)
+    torch.testing.assert_close(shared.logp_B_T, plain.logp_B_T, atol=1e-5, rtol=0)
+    torch.testing.assert_close(shared.entropy_B_T, plain.entropy_B_T, atol=1e-4, rtol=0)
+    # values at every position, prompt included: the prefix's hidden states are real
+    torch.testing.assert_close(shared.values_B_T, plain.values_B_T, atol=1e-5, rtol=0)
+    for n, g in plain_grads.items():
+        torch.testing.assert_close(shared_grads[n], g, atol=1e-4, rtol=1e-4, msg=n)
+
+
+def test_shared_prefix_steps_aside_under_activation_checkpointing(tiny_model: Path) -> None:
+    # Activation checkpointing turns the KV cache off while training: the rows run whole.
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    ids, mask = grouped_rows(prompts=1, samples=3, seed=4)
+    shared = policy_forward(model, ids, mask, 4, share_prefix=True)
+    shared.logp_B_T.sum().backward()
+    with torch.no_grad():
+        plain = policy_forward(model, ids, mask, 4, share_prefix=False)
+    torch.testing.assert_close(shared.logp_B_T, plain.logp_B_T, atol=1e-5, rtol=0)
 
 
 def test_export_state_dict_uses_hf_names_and_drops_tied_copy(model, tiny_model: Path) -> None:
