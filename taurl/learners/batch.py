@@ -161,20 +161,27 @@ def split_minibatches(order: list[int], n: int) -> list[list[int]]:
     return parts
 
 
-def pack_micro_batches(rows: list[int], lengths: list[int], budget: int) -> list[list[int]]:
+def pack_micro_batches(rows: list[int], lengths: list[int], budget: int,
+                       groups: list[int] | None = None) -> list[list[int]]:
     """Group ``rows`` into micro-batches of at most ``budget`` padded tokens each.
 
     Rows are sorted by length (longest first) so that rows of similar length share a
     micro-batch and little compute goes to padding; a micro-batch costs
     ``len(rows) × longest row`` tokens. A single row longer than the budget gets a
-    micro-batch of its own.
+    micro-batch of its own. With ``groups``, rows are kept together by group first (a
+    group's rows share their prompt, which then runs once per micro-batch:
+    ``learner.share_prefix``), longest first within a group.
 
     Args:
         rows: row indices into the batch.
         lengths: real length of every row of the batch (indexed by row).
         budget: padded tokens per micro-batch.
+        groups: group id of every row of the batch (indexed by row), or None.
     """
-    ordered = sorted(rows, key=lambda r: (-lengths[r], r))
+    if groups is None:
+        ordered = sorted(rows, key=lambda r: (-lengths[r], r))
+    else:
+        ordered = sorted(rows, key=lambda r: (groups[r], -lengths[r], r))
     out: list[list[int]] = []
     current: list[int] = []
     for r in ordered:

@@ -270,7 +270,7 @@ def shard_rows(rows: list[int], lengths: list[int], num_shards: int) -> list[lis
 
 
 def micro_batches(rows: list[int], widths: list[int], budget: int, parallel: str,
-                  lockstep: bool) -> list[tuple[list[int], bool]]:
+                  lockstep: bool, groups: list[int] | None = None) -> list[tuple[list[int], bool]]:
     """This rank's micro-batches of ``rows``, each with True when real.
 
     Alone: all ``rows``, packed by the token ``budget``. Under torchrun: this rank's
@@ -286,11 +286,14 @@ def micro_batches(rows: list[int], widths: list[int], budget: int, parallel: str
         budget: most tokens (rows × width) in one micro-batch.
         parallel: ``none`` | ``ddp`` | ``fsdp2``.
         lockstep: the pass runs collectives.
+        groups: group id of every row, to keep a group's rows together
+            (:func:`~taurl.learners.batch.pack_micro_batches`), or None.
     """
     n = world_size()
     if n == 1:
-        return [(micro, True) for micro in pack_micro_batches(rows, widths, budget)]
-    packs = [pack_micro_batches(shard, widths, budget) for shard in shard_rows(rows, widths, n)]
+        return [(micro, True) for micro in pack_micro_batches(rows, widths, budget, groups)]
+    packs = [pack_micro_batches(shard, widths, budget, groups)
+             for shard in shard_rows(rows, widths, n)]
     mine = [(micro, True) for micro in packs[rank()]]
     if not lockstep:
         need = 0

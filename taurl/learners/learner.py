@@ -233,7 +233,8 @@ class Learner:
         """Backward the minibatch's loss, micro-batch by micro-batch, normalised globally."""
         o, cfg = self.options, self.config
         denom = Denominators.of(batch, rows, o.loss_norm_len, targets.value_mask_B_T)
-        micros = self.micro_batches(rows, lengths, lockstep=True)
+        micros = self.micro_batches(rows, lengths, lockstep=True,
+                                    groups=batch.group_ids_B.tolist())
         for i, (micro, real) in enumerate(micros):
             idx, W = batch.rows(micro), batch.width(micro)
             ids, mask = batch.input_ids_B_T[idx, :W], batch.mask_B_T[idx, :W]
@@ -288,8 +289,12 @@ class Learner:
 
     # -- data parallelism (torchrun) ----------------------------------------------------
 
-    def micro_batches(self, rows: list[int], widths: list[int],
-                      lockstep: bool) -> list[tuple[list[int], bool]]:
-        """This rank's micro-batches of ``rows`` (see :func:`distributed.micro_batches`)."""
+    def micro_batches(self, rows: list[int], widths: list[int], lockstep: bool,
+                      groups: list[int] | None = None) -> list[tuple[list[int], bool]]:
+        """This rank's micro-batches of ``rows`` (see :func:`distributed.micro_batches`).
+
+        ``groups`` (every row's group id) keeps a group's rows, which share a prompt,
+        together when ``share_prefix`` is on.
+        """
         return D.micro_batches(rows, widths, self.config.micro_batch_tokens, self.parallel,
-                               lockstep)
+                               lockstep, groups if self.config.share_prefix else None)

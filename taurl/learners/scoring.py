@@ -68,7 +68,8 @@ def score(learner: Learner, batch: Batch, trajs: list[Trajectory], need_old: boo
     # ranks below fills them. FSDP2 needs every rank in every policy forward.
     micros = learner.micro_batches(
         list(range(B)), batch.lengths_B.tolist(),
-        lockstep=learner.parallel == "fsdp2" and s.old_logp is not None)
+        lockstep=learner.parallel == "fsdp2" and s.old_logp is not None,
+        groups=batch.group_ids_B.tolist())
     for micro, real in micros:
         idx, W = batch.rows(micro), batch.width(micro)
         ids, mask = batch.input_ids_B_T[idx, :W], batch.mask_B_T[idx, :W]

@@ -52,6 +52,16 @@ def test_pack_micro_batches_respects_budget() -> None:
     assert pack_micro_batches([0], [50], budget=20) == [[0]]  # one long row: its own batch
 
 
+def test_pack_micro_batches_keeps_a_group_together_when_asked() -> None:
+    # Rows 0, 2, 4 share a prompt (group 0), rows 1, 3 another (group 1). By length alone the
+    # groups mix; by group, each micro-batch holds one group's rows, longest first.
+    lengths, groups = [10, 9, 8, 7, 6], [0, 1, 0, 1, 0]
+    assert pack_micro_batches(list(range(5)), lengths, budget=30) == [[0, 1, 2], [3, 4]]
+    micro = pack_micro_batches(list(range(5)), lengths, budget=30, groups=groups)
+    assert micro == [[0, 2, 4], [1, 3]]
+    assert all(len(m) * max(lengths[r] for r in m) <= 30 for m in micro)
+
+
 def test_split_minibatches() -> None:
     assert split_minibatches([4, 3, 2, 1, 0], 2) == [[4, 3, 2], [1, 0]]
     assert split_minibatches([1, 0], 5) == [[1], [0]]
