@@ -8,14 +8,19 @@ AdamW. The GRPO update adds what GRPO needs (advantages, ratio, clipping, import
 weights, metrics), computed over the same tokens (``share_prefix`` off). A third phase,
 ``grpo-shared``, is the default update, which runs a prompt the rows of a group share only
 once (``learner.share_prefix``); ``--shared-prompt`` gives each group one prompt, as GRPO's
-samples have (otherwise every row's tokens are random and nothing is shared). Each phase runs in its own process so that its peak memory is its
-own. To show the floor is a real one, the bare phase also reports its achieved FLOP/s
+samples have (otherwise every row's tokens are random and nothing is shared). With
+``--ragged`` the rows' last turns end at random lengths, as sampled answers do, and a fourth
+phase, ``grpo-shared-whole``, runs them padded to the longest row in one decoder call (the
+default update splits them into length buckets, ``taurl.learners.model.length_buckets``).
+Each phase runs in its own process so that its peak memory is its own. To show the floor is a real one, the bare phase also reports its achieved FLOP/s
 (6 × parameters × tokens for the decoder, 6 × hidden × vocab per sampled token for
 the head) next to a plain ``a @ b`` matmul's FLOP/s on the same cores and precision.
 
     .venv/bin/python benchmarks/learner.py                     # SmolLM2-135M, 16 x 256 tokens
     .venv/bin/python benchmarks/learner.py --model tiny-random --batch 8 --seq-len 128
     .venv/bin/python benchmarks/learner.py --shared-prompt --group-size 8 --prompt-len 128
+    .venv/bin/python benchmarks/learner.py --shared-prompt --group-size 8 --ragged \
+        --seq-len 108 --prompt-len 44 --dtype float32          # the peer benchmark's shapes
 
 Prints one JSON line per phase and a Markdown table: the GRPO update's seconds per step
 over the bare loop's (target <= 1.3) and the bare loop's share of the matmul rate.
@@ -34,10 +39,12 @@ from pathlib import Path
 
 
 def make_trajectories(batch: int, seq_len: int, group_size: int, seed: int = 0,
-                      prompt_len: int = 0, shared_prompt: bool = False):
+                      prompt_len: int = 0, shared_prompt: bool = False, ragged: bool = False):
     """``batch`` two-turn trajectories of exactly ``seq_len`` tokens (a ``prompt_len`` prompt,
     default 1/4; a 16-token observation between the turns), random token ids (the same
     prompt within a group with ``shared_prompt``), rewards 0/1 with variance in each group.
+    ``ragged``: each row's last turn is cut to a random length (1 token to all of it), as
+    sampled answers end where they end.
     The sampler log-probs are a constant: their values change the update's numbers, not its cost.
     """
     from taurl.types import Trajectory
@@ -54,6 +61,9 @@ def make_trajectories(batch: int, seq_len: int, group_size: int, seed: int = 0,
         ids = [rng.randrange(100, 40000) for _ in range(seq_len)]
         if shared_prompt:
             ids[:prompt_len] = prompts.setdefault(i // group_size, ids[:prompt_len])
+        if ragged:
+            n = rng.randint(seq_len - turn_len - tail + 1, seq_len)
+            ids, mask, turns = ids[:n], mask[:n], turns[:n]
         reward = float(i % 2)
         out.append(Trajectory(
             token_ids=ids, loss_mask=mask, logprobs=[-1.0 * m for m in mask], turn_ids=turns,
@@ -61,6 +71,12 @@ def make_trajectories(batch: int, seq_len: int, group_size: int, seed: int = 0,
             group_id=f"g{i // group_size}",
         ))
     return out
+
+
+def device_type(name: str) -> str:
+    import torch
+
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name.split(":")[0]
 
 
 def peak_memory_mb(device) -> float:
@@ -101,11 +117,17 @@ def run_phase(phase: str, args: argparse.Namespace, queue) -> None:
     cfg = LearnerConfig(
         algorithm="grpo", options=AlgorithmOptions(kl_coef=args.kl_coef), lr=1e-6,
         dtype=args.dtype, device=args.device, micro_batch_tokens=args.micro_batch_tokens,
-        gradient_checkpointing=args.gradient_checkpointing, share_prefix=phase == "grpo-shared",
+        gradient_checkpointing=args.gradient_checkpointing,
+        share_prefix=phase.startswith("grpo-shared"),
     )
     learner = Learner(cfg, path)
     trajs = make_trajectories(args.batch, args.seq_len, args.group_size,
-                              prompt_len=args.prompt_len, shared_prompt=args.shared_prompt)
+                              prompt_len=args.prompt_len, shared_prompt=args.shared_prompt,
+                              ragged=args.ragged)
+    if phase == "grpo-shared-whole":  # every row padded to the longest, in one decoder call
+        import taurl.learners.model as model_module
+
+        model_module.BUCKET_CALL_TOKENS[device_type(args.device)] = 10**9
     tokens = sum(len(t.token_ids) for t in trajs)
     device = learner.device
     if device.type == "cuda":
@@ -174,6 +196,9 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=0, help="prompt tokens (0 = seq-len / 4)")
     p.add_argument("--shared-prompt", action="store_true",
                    help="the rows of a group share their prompt, as GRPO's samples do")
+    p.add_argument("--ragged", action="store_true",
+                   help="rows of different lengths; adds the phase grpo-shared-whole (no length "
+                        "buckets: every row padded to the longest)")
     p.add_argument("--micro-batch-tokens", type=int, default=4096)
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "float32"])
     p.add_argument("--device", default="auto")
@@ -186,7 +211,8 @@ def main() -> None:
 
     ctx = mp.get_context("spawn")
     results = {}
-    for phase in ("bare", "grpo", "grpo-shared"):
+    phases = ["bare", "grpo", "grpo-shared"] + ["grpo-shared-whole"] * args.ragged
+    for phase in phases:
         queue = ctx.Queue()
         proc = ctx.Process(target=run_phase, args=(phase, args, queue))
         proc.start()
@@ -197,7 +223,7 @@ def main() -> None:
     ratio = grpo["seconds_per_step"] / bare["seconds_per_step"]
     print(f"\n| {args.model} {bare['device']} {bare['precision']}, {args.batch} x {args.seq_len} "
           "tokens | tokens/s | s/step | peak memory (MiB) |\n|---|---|---|---|")
-    for r in (bare, grpo, shared):
+    for r in results.values():
         print(f"| {r['phase']} | {r['tokens_per_s']} | {r['seconds_per_step']} | "
               f"{r['peak_memory_mb']} |")
     print(f"\nGRPO update / bare loop = {ratio:.2f}x the seconds per step (target <= 1.3); "
@@ -205,6 +231,11 @@ def main() -> None:
           f"{100 * bare['achieved_gflops'] / bare['matmul_gflops']:.0f}% of a plain matmul's "
           f"{bare['matmul_gflops']} GFLOP/s; with shared prompts run once, "
           f"{shared['seconds_per_step'] / bare['seconds_per_step']:.2f}x")
+    if args.ragged:
+        whole = results["grpo-shared-whole"]
+        print(f"rows in length buckets: {shared['seconds_per_step']} s/step vs "
+              f"{whole['seconds_per_step']} padded to the longest in one call "
+              f"({whole['seconds_per_step'] / shared['seconds_per_step']:.2f}x faster)")
 
 
 if __name__ == "__main__":

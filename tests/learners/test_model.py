@@ -10,13 +10,16 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from taurl.learners import model as model_module
 from taurl.learners.config import LoraConfig
 from taurl.learners.model import (
     add_lora,
     backbone_and_head,
     export_state_dict,
+    length_buckets,
     new_value_head,
     policy_forward,
+    scored_lengths,
     shared_prefixes,
 )
 
@@ -139,6 +142,51 @@ def test_shared_prefix_forward_equals_the_plain_forward_with_gradients(model) ->
     torch.testing.assert_close(shared.values_B_T, plain.values_B_T, atol=1e-5, rtol=0)
     for n, g in plain_grads.items():
         torch.testing.assert_close(shared_grads[n], g, atol=1e-4, rtol=1e-4, msg=n)
+
+
+def test_length_buckets_split_only_where_padding_costs_more_than_a_call() -> None:
+    lengths = [10, 100, 9, 98, 11]
+    assert length_buckets(lengths, call_tokens=64) == [[1, 3], [4, 0, 2]]
+    assert length_buckets(lengths, call_tokens=10**6) == [[1, 3, 4, 0, 2]]  # one call
+    assert length_buckets(lengths, call_tokens=0) == [[1], [3], [4], [0], [2]]
+    # after a shared prefix only the suffixes count: 5 and 1 tokens (11 - 95 -> 1)
+    assert length_buckets([100, 11], call_tokens=5, start=95) == [[0, 1]]  # 2*5+5 < 5+5+1+5
+    mask = torch.tensor([[0, 1, 1, 0, 0], [0, 0, 0, 0, 0], [0, 0, 1, 0, 1]])
+    assert scored_lengths(mask) == [3, 1, 5]  # up to the last sampled token; 1 for none
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_length_buckets_give_the_plain_forward_with_gradients(model, share, monkeypatch) -> None:
+    """Rows run in length buckets, no row past its last sampled token: the same log-probs,
+    entropies and gradients as every row whole, from fewer decoder tokens."""
+    ids, mask = grouped_rows(prompts=2, samples=4, seed=5)
+    w = torch.randn(ids.shape, generator=torch.Generator().manual_seed(6))
+    seen: list[int] = []
+    embed = backbone_and_head(model)[0].get_input_embeddings()
+    hook = embed.register_forward_hook(lambda _m, args, _o: seen.append(args[0].numel()))
+    results = {}
+    try:
+        for call_tokens in (10**9, 0):  # one call (the plain forward), then a call per length
+            monkeypatch.setitem(model_module.BUCKET_CALL_TOKENS, "cpu", call_tokens)
+            model.zero_grad()
+            seen.clear()
+            out = policy_forward(model, ids, mask, 4, entropy_grad=True, share_prefix=share)
+            ((out.logp_B_T + out.entropy_B_T) * w).sum().backward()
+            results[call_tokens] = (out, {n: p.grad.clone() for n, p in model.named_parameters()},
+                                    sum(seen), len(seen))
+    finally:
+        hook.remove()
+        model.zero_grad()
+    (whole, whole_grads, whole_tokens, _), (split, split_grads, split_tokens, calls) = (
+        results[10**9], results[0])
+    lengths = scored_lengths(mask)
+    C = 7 if share else 0
+    assert calls == len(set(lengths)) + share  # a call per distinct length (+ the prefixes)
+    assert split_tokens == 2 * C + sum(n - C for n in lengths) < whole_tokens
+    torch.testing.assert_close(split.logp_B_T, whole.logp_B_T, atol=1e-5, rtol=0)
+    torch.testing.assert_close(split.entropy_B_T, whole.entropy_B_T, atol=1e-4, rtol=0)
+    for n, g in whole_grads.items():
+        torch.testing.assert_close(split_grads[n], g, atol=1e-4, rtol=1e-4, msg=n)
 
 
 def test_shared_prefix_steps_aside_under_activation_checkpointing(tiny_model: Path) -> None:
