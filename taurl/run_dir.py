@@ -19,7 +19,10 @@ import json
 import os
 import random
 import shutil
+import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -33,6 +36,7 @@ from taurl.types import Trajectory
 
 if TYPE_CHECKING:
     from taurl.learners import Learner
+    from taurl.learners.checkpoint import Snapshot as LearnerSnapshot
 
 C = TypeVar("C")
 
@@ -101,16 +105,22 @@ class RunDir:
         ``iter-N/policy`` is a plain Hugging Face folder of the policy (what ``taurl eval
         --model`` and vLLM load); ``iter-N/learner`` holds what resuming needs.
         """
-        name = f"iter-{iteration:06d}"
+        return self.write_checkpoint(snapshot_checkpoint(iteration, learner, model_path), keep)
+
+    def write_checkpoint(self, snap: CheckpointSnapshot, keep: int) -> Path:
+        """Write a :func:`snapshot_checkpoint` as :meth:`save_checkpoint` does (any thread)."""
+        from taurl.learners import checkpoint
+
+        name = f"iter-{snap.iteration:06d}"
         tmp = self.checkpoints / f".{name}.tmp"
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-        learner.save(tmp / "learner")
-        export_policy(learner, model_path, tmp / "policy")
-        rng = {"python": random.getstate(), "numpy": np.random.get_state()}
-        torch.save(rng, tmp / "rng.pt")
-        (tmp / "trainer.json").write_text(json.dumps({"iteration": iteration}))
+        if snap.learner is not None:
+            checkpoint.write(snap.learner, tmp / "learner")
+        write_policy(snap.policy, snap.model_path, tmp / "policy")
+        torch.save(snap.rng, tmp / "rng.pt")
+        (tmp / "trainer.json").write_text(json.dumps({"iteration": snap.iteration}))
         final = self.checkpoints / name
         if final.exists():
             shutil.rmtree(final)
@@ -146,37 +156,116 @@ class CheckpointSchedule:
         self.cost = 0.0  # seconds the newest checkpoint took
         self.last_end = time.perf_counter()
 
-    def due(self, iteration: int) -> bool:
-        """Whether iteration ``iteration`` (just finished) should be saved."""
+    def due(self, iteration: int, busy: bool = False) -> bool:
+        """Whether iteration ``iteration`` (just finished) should be saved; ``busy``: the
+        previous checkpoint is still being written (by time, the next waits for its cost)."""
         if self.every:
             return (iteration + 1) % self.every == 0
         if iteration == self.first:
             return True
+        if busy:
+            return False
         since = time.perf_counter() - self.last_end
         return since >= self.cost * (1 - self.budget) / self.budget
 
     def saved(self, seconds: float) -> float:
-        """Record that a checkpoint took ``seconds``; return them."""
+        """Record that a checkpoint took ``seconds`` (copy and write), ending now; return them."""
         self.cost, self.last_end = seconds, time.perf_counter()
         return seconds
 
 
-def export_policy(learner: Learner, model_path: Path, out: Path) -> None:
-    """Write the learner's policy as a Hugging Face folder (config, tokenizer, safetensors)."""
+@dataclass
+class CheckpointSnapshot:
+    """One iteration's checkpoint in memory (copies): what :meth:`RunDir.write_checkpoint` writes."""
+
+    iteration: int
+    learner: LearnerSnapshot | None  # None off rank 0
+    policy: dict[str, torch.Tensor]  # float32, Hugging Face names
+    model_path: Path  # the base model's folder (config and tokenizer files)
+    rng: dict[str, object]  # Python's and NumPy's random states
+
+
+def snapshot_checkpoint(iteration: int, learner: Learner, model_path: Path) -> CheckpointSnapshot:
+    """Copy iteration ``iteration``'s checkpoint; the learner may train on while it is written.
+
+    Under torchrun every rank makes the same collective calls (``_follow``: the learner's
+    ``save``, whose barrier comes after its gather, then ``state_dict_for_sync``).
+    """
+    from taurl.learners import checkpoint
+    from taurl.learners import distributed as D
+
+    snap = checkpoint.snapshot(learner)
+    D.barrier()
+    # float32, and said so in config.json: RL updates at small learning rates are often
+    # below bf16's resolution, so a bf16 export can round the learned change away.
+    policy = {k: v.contiguous() for k, v in learner.state_dict_for_sync(torch.float32).items()}
+    return CheckpointSnapshot(iteration, snap, policy, model_path,
+                              {"python": random.getstate(), "numpy": np.random.get_state()})
+
+
+def write_policy(state: dict[str, torch.Tensor], model_path: Path, out: Path) -> None:
+    """Write a policy's float32 weights as a Hugging Face folder (config, tokenizer, safetensors)."""
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
     for f in model_path.iterdir():
         if f.is_file() and not f.name.endswith(".safetensors") and f.name != "taurl-model.json":
             shutil.copy2(f, out / f.name)
-    # float32, and said so in config.json: RL updates at small learning rates are often
-    # below bf16's resolution, so a bf16 export can round the learned change away.
-    state = {k: v.contiguous() for k, v in learner.state_dict_for_sync(torch.float32).items()}
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     config = json.loads((out / "config.json").read_text())
     config["dtype"] = "float32"
     config.pop("torch_dtype", None)
     (out / "config.json").write_text(json.dumps(config, indent=2))
+
+
+class CheckpointWriter:
+    """Writes checkpoints in a background thread, one at a time, while training goes on.
+
+    :meth:`start` takes a :class:`CheckpointSnapshot` (made on the training thread) and
+    returns at once; the files appear atomically as :meth:`RunDir.write_checkpoint` makes
+    them, so a run killed mid-write resumes from the checkpoint before (it loses the
+    iteration being written too). A write's error is raised by the next :meth:`start` or
+    :meth:`wait`. ``on_done(seconds)`` is called (in the writer thread) after each write
+    with the seconds since :meth:`start`'s ``started`` (the snapshot's start: the whole cost).
+    """
+
+    def __init__(self, run: RunDir, keep: int, on_done: Callable[[float], object]) -> None:
+        self.run, self.keep, self.on_done = run, keep, on_done
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.last_write_s: float | None = None  # set when a write ends; the trainer logs it
+
+    @property
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self, snap: CheckpointSnapshot, started: float | None = None) -> None:
+        """Write ``snap`` in the background (after the write in progress, if any, ends)."""
+        self.wait()
+        self._thread = threading.Thread(
+            target=self._write, args=(snap, started or time.perf_counter()), daemon=True,
+            name=f"taurl-checkpoint-{snap.iteration}")
+        self._thread.start()
+
+    def wait(self) -> None:
+        """Block until the write in progress (if any) is on disk; raise its error."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _write(self, snap: CheckpointSnapshot, started: float) -> None:
+        t0 = time.perf_counter()
+        try:
+            self.run.write_checkpoint(snap, self.keep)
+        except Exception as e:  # noqa: BLE001 -- handed to the training thread by wait()
+            self._error = e
+            return
+        end = time.perf_counter()
+        self.last_write_s = end - t0
+        self.on_done(end - started)
 
 
 def _config_diff(a: dict[str, object], b: dict[str, object], prefix: str = "") -> str:

@@ -54,7 +54,13 @@ from taurl.rollout.eval import EvalConfig, evaluate
 from taurl.rollout.failures import env_failures
 from taurl.rollout.metrics import batch_means
 from taurl.rollout.runner import EnvFactory, RolloutConfig, RolloutResult, run_rollout
-from taurl.run_dir import CheckpointSchedule, MetricsLog, RunDir
+from taurl.run_dir import (
+    CheckpointSchedule,
+    CheckpointWriter,
+    MetricsLog,
+    RunDir,
+    snapshot_checkpoint,
+)
 from taurl.types import SamplingParams, Trajectory
 
 T = TypeVar("T")
@@ -110,6 +116,9 @@ class TrainConfig:
     checkpoint_budget: float = 0.05
     # checkpoints kept on disk (the newest ones)
     keep_checkpoints: int = 2
+    # write checkpoints in a background thread from an in-memory copy (the iteration waits
+    # only for the copy: trained weights and optimizer state once more in memory meanwhile)
+    checkpoint_background: bool = True
     # trajectories per iteration appended to samples.md as text
     log_samples: int = 2
     # also write TensorBoard event files (needs the tensorboard package)
@@ -234,6 +243,7 @@ async def train_async(
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     t_start = time.perf_counter()
     pending: asyncio.Task[tuple[RolloutResult, float]] | None = None  # next batch, sampled ahead
+    writer: CheckpointWriter | None = None
     try:
         # The engine must sample with the learner's weights: a fresh engine already does at
         # iteration 0, a resumed or shared one does not.
@@ -243,6 +253,7 @@ async def train_async(
         initial_sync_s = time.perf_counter() - t0
         agent = Agent(backend, tokenizer, cfg.rollout.agent)
         checkpoints = CheckpointSchedule(cfg.checkpoint_every, cfg.checkpoint_budget, start_iter)
+        writer = CheckpointWriter(run, cfg.keep_checkpoints, on_done=checkpoints.saved)
         overlap = cfg.rollout.max_off_policy_steps > 0
         reported: set[str] = set()  # "rollout"/"eval" once its first error has been printed
         for it in range(start_iter, cfg.iterations):
@@ -269,12 +280,16 @@ async def train_async(
                 t0 = time.perf_counter()
                 metrics.update(await _evaluate(cfg, agent, make_env, reported))
                 metrics["timing/eval_s"] = time.perf_counter() - t0
-            if last or checkpoints.due(it):
+            if last or checkpoints.due(it, busy=writer.busy):
                 t0 = time.perf_counter()
                 _lead("save")
-                await _maybe_thread(overlap, run.save_checkpoint, it, learner,
-                                    cfg.keep_checkpoints, model_path)
-                metrics["timing/checkpoint_s"] = checkpoints.saved(time.perf_counter() - t0)
+                snap = await _maybe_thread(overlap, snapshot_checkpoint, it, learner, model_path)
+                await _maybe_thread(overlap or writer.busy, writer.start, snap, t0)
+                if last or not cfg.checkpoint_background:
+                    await _maybe_thread(overlap, writer.wait)  # on disk before going on
+                metrics["timing/checkpoint_s"] = time.perf_counter() - t0
+            if writer.last_write_s is not None:  # a write ended (in the background: since the last line)
+                metrics["timing/checkpoint_write_s"], writer.last_write_s = writer.last_write_s, None
             metrics["timing/elapsed_min"] = elapsed_min
             metrics["timing/iteration_s"] = time.perf_counter() - t_iter
             logger.log(it, metrics)
@@ -284,6 +299,8 @@ async def train_async(
         _lead("stop")
     finally:
         await _drop(pending)  # a run that stops early drops the batch sampled ahead
+        if writer is not None:
+            writer.wait()  # a checkpoint being written is finished, even when the run failed
         logger.close()
         if own_backend:
             await backend.close()

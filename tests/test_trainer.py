@@ -87,6 +87,7 @@ def test_two_iterations_per_preset_change_the_policy(
     assert rows[-1]["policy_version"] >= 2 and vllm_tiny_mutable.policy_version >= 2
     assert rows[0]["rollout/termination/error"] == 0.0
     assert "eval/success" in rows[1] and "timing/sync_s" in rows[1]
+    assert rows[-1]["timing/checkpoint_write_s"] > 0  # the last one is waited for
     assert all(r["traj/grad_norm"] > 0 for r in rows)
     before = load_file(tiny_model_path / "model.safetensors")
     after = _weights(run)
@@ -258,8 +259,61 @@ def test_auto_checkpoints_keep_within_their_time_budget(monkeypatch: pytest.Monk
     assert not s.due(4)
     now[0] = 40.0
     assert s.due(5)
+    assert not s.due(5, busy=True)  # the previous one is still being written
     every = run_dir.CheckpointSchedule(every=2, budget=0.05, first=0)
     assert [every.due(i) for i in range(4)] == [False, True, False, True]
+    assert every.due(1, busy=True)  # by count: the writer waits for the previous one
+
+
+def test_background_checkpoint_writes_the_snapshot_and_reports_its_error(
+    tmp_path: Path, tiny_model_path: Path
+) -> None:
+    """What is written is the state at the snapshot, though training changes it meanwhile;
+    the checkpoint loads; a failed write is raised on the training thread."""
+    import torch
+
+    from taurl.learners import Learner, LearnerConfig
+    from taurl.run_dir import CheckpointWriter, snapshot_checkpoint
+
+    learner = Learner(LearnerConfig(algorithm="grpo", lr=1e-3), tiny_model_path)
+
+    def step() -> None:  # an optimizer step with made-up gradients
+        for p in learner.trained_modules.parameters():
+            p.grad = torch.ones_like(p)
+        learner.optimizer.step()
+
+    step()  # gives the optimizer a state to snapshot
+    weights = {k: v.clone() for k, v in learner.trained_modules.state_dict().items()}
+    moments = [s["exp_avg"].clone() for s in learner.optimizer.state.values()]
+    run = RunDir(tmp_path / "run")
+    run.checkpoints.mkdir(parents=True)
+    costs: list[float] = []
+    writer = CheckpointWriter(run, keep=2, on_done=costs.append)
+    writer.start(snapshot_checkpoint(0, learner, tiny_model_path))
+    step()  # training goes on while the checkpoint is written
+    step()
+    writer.wait()
+    ckpt = run.latest_checkpoint()
+    assert ckpt is not None and ckpt.name == "iter-000000" and len(costs) == 1
+    assert writer.last_write_s is not None and costs[0] >= writer.last_write_s > 0
+    saved = load_file(ckpt / "learner" / "model.safetensors")
+    assert saved and all(torch.equal(v, weights[k]) for k, v in saved.items())
+    policy = load_file(ckpt / "policy" / "model.safetensors")
+    assert any(torch.equal(v, weights[f"policy.{k}"]) for k, v in policy.items())
+    restored = Learner(LearnerConfig(algorithm="grpo", lr=1e-3), tiny_model_path)
+    restored.load(ckpt / "learner")
+    for k, v in restored.trained_modules.state_dict().items():
+        torch.testing.assert_close(v, weights[k], atol=0, rtol=0)
+    for s, m in zip(restored.optimizer.state.values(), moments, strict=True):
+        torch.testing.assert_close(s["exp_avg"], m, atol=0, rtol=0)
+
+    # a file where the writer's temporary folder goes: the write fails in the thread
+    (run.checkpoints / ".iter-000001.tmp").write_text("in the way")
+    writer.start(snapshot_checkpoint(1, learner, tiny_model_path))
+    with pytest.raises(NotADirectoryError):
+        writer.wait()
+    assert run.latest_checkpoint() == ckpt  # the previous checkpoint is intact
+    writer.wait()  # the error was raised once
 
 
 def _episode(error: str | None) -> Trajectory:

@@ -11,11 +11,12 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, load_model, save_file
 
 from taurl.errors import CheckpointError, ConfigError
 from taurl.learners import distributed as D
@@ -26,6 +27,17 @@ if TYPE_CHECKING:
 STATE_FILE = "learner_state.json"
 
 
+@dataclass
+class Snapshot:
+    """A learner's checkpoint held in memory: copies, so training can go on while it is written."""
+
+    weights: dict[str, torch.Tensor]  # trained modules' weights, tied tensors once
+    metadata: dict[str, str]  # safetensors metadata: each tied name → the name kept
+    optimizer: dict[str, object]  # torch.optim state-dict format
+    rng: dict[str, object]
+    state: dict[str, object]  # learner_state.json
+
+
 def save(learner: Learner, directory: Path) -> None:
     """Write ``learner``'s checkpoint into ``directory``.
 
@@ -33,29 +45,68 @@ def save(learner: Learner, directory: Path) -> None:
     in the same format as a single process (a checkpoint resumes with any number
     of processes), and every rank returns once the files are complete.
     """
-    gathered = _gather_fsdp_state(learner) if learner.parallel == "fsdp2" else None
-    if D.is_main():
-        _write(learner, Path(directory), gathered)
+    snap = snapshot(learner)
+    if snap is not None:
+        write(snap, Path(directory))
     D.barrier()
 
 
-def _write(learner: Learner, d: Path,
-           gathered: tuple[dict[str, torch.Tensor], dict[str, object]] | None) -> None:
-    """Write :func:`save`'s files; ``gathered``: FSDP2's full weights and optimizer."""
-    d.mkdir(parents=True, exist_ok=True)
-    if gathered is None:
-        save_model(learner.trained_modules, str(d / "model.safetensors"))
-        torch.save(learner.optimizer.state_dict(), d / "optimizer.pt")
+def snapshot(learner: Learner) -> Snapshot | None:
+    """Copy what :func:`write` saves (every rank calls it; None off rank 0).
+
+    The copies cost memory (the trained weights and the optimizer state once more)
+    and a memory copy's time, and let :func:`write` run in a background thread.
+    """
+    metadata: dict[str, str] = {}
+    if learner.parallel == "fsdp2":
+        weights, optimizer = _gather_fsdp_state(learner)  # already full copies, on rank 0
     else:
-        save_file(gathered[0], str(d / "model.safetensors"), metadata={"format": "pt"})
-        torch.save(gathered[1], d / "optimizer.pt")
+        weights, metadata = _untied_copy(learner.trained_modules.state_dict())
+        optimizer = _copy_tensors(learner.optimizer.state_dict())
+    if not D.is_main():
+        return None
     rng = {"torch": torch.get_rng_state(), "shuffle": learner._shuffle.get_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(rng, d / "rng.pt")
     state = {"policy_version": learner.policy_version, "algorithm": learner.config.algorithm,
              "options": dataclasses.asdict(learner.options)}
-    (d / STATE_FILE).write_text(json.dumps(state, indent=1))
+    return Snapshot(weights, metadata, optimizer, rng, state)
+
+
+def write(snap: Snapshot, d: Path) -> None:
+    """Write a :class:`Snapshot`'s files into ``d`` (from any thread)."""
+    d.mkdir(parents=True, exist_ok=True)
+    save_file(snap.weights, str(d / "model.safetensors"), metadata={**snap.metadata, "format": "pt"})
+    torch.save(snap.optimizer, d / "optimizer.pt")
+    torch.save(snap.rng, d / "rng.pt")
+    (d / STATE_FILE).write_text(json.dumps(snap.state, indent=1))
+
+
+def _untied_copy(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Contiguous copies of ``state`` with each tied tensor once, under its first name in
+    sorted order (as ``safetensors.torch.save_model`` keeps it; ``load_model`` takes any),
+    and the metadata ``save_model`` writes (each dropped name → the name kept)."""
+    tied: dict[tuple[object, ...], list[str]] = defaultdict(list)
+    for k, v in state.items():
+        where = (v.untyped_storage().data_ptr(), v.storage_offset(), *v.shape) if v.numel() else (k,)
+        tied[where].append(k)
+    weights, metadata = {}, {}
+    for names in tied.values():
+        keep = min(names)
+        weights[keep] = state[keep].detach().clone(memory_format=torch.contiguous_format)
+        metadata.update(dict.fromkeys((n for n in names if n != keep), keep))
+    return weights, metadata
+
+
+def _copy_tensors(obj: object) -> object:
+    """``obj`` (nested dicts and lists) with every tensor copied."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _copy_tensors(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_copy_tensors(v) for v in obj)
+    return obj
 
 
 def load(learner: Learner, directory: Path) -> None:
