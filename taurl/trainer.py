@@ -10,15 +10,16 @@ only the learner's config. Each iteration
 3. loads the new weights into the inference engine (``policy_version`` goes up);
 4. every ``eval_every`` iterations, evaluates greedily on the held-out split;
 5. writes a checkpoint atomically when one is due (``checkpoint_every``; by default
-   as often as keeps checkpoints within 5% of the run's time) and appends one line to
+   as often as keeps checkpoints within 5% of the run's time), from an in-memory copy
+   in a background thread (``checkpoint_background``), and appends one line to
    ``metrics.jsonl``.
 
 A run directory holds ``config.yaml`` (the config it was started with: a different
 one is refused), ``metrics.jsonl``, ``samples.md`` (readable trajectories),
 ``checkpoints/iter-N`` and ``checkpoints/latest``, and TensorBoard events.
 ``taurl train --resume RUN_DIR`` restarts from the latest checkpoint; a run killed
-at any moment loses at most the iterations since it (``checkpoint_every: 1``: only the
-iteration in progress).
+at any moment loses at most the iterations since it (``checkpoint_every: 1``: the
+iteration in progress and, in the background, the one being written).
 
 ``torchrun --nproc-per-node N -m taurl train CONFIG`` runs the learner data-parallel
 (``learner.parallel``: ddp or fsdp2): rank 0 owns the inference engine, rollout,

@@ -399,7 +399,7 @@ def policy_forward(
     entropy_grad: bool = False,
     share_prefix: bool = True,
 ) -> PolicyOutput:
-    """Run the decoder once; score the sampled tokens and, optionally, read the value head.
+    """Run the decoder over the rows; score the sampled tokens and, optionally, read the value head.
 
     ``share_prefix``: rows with the same prompt run it once (:func:`decoder_hidden`).
     """
