@@ -10,8 +10,8 @@ only the learner's config. Each iteration
 3. loads the new weights into the inference engine (``policy_version`` goes up);
 4. every ``eval_every`` iterations, evaluates greedily on the held-out split;
 5. writes a checkpoint atomically when one is due (``checkpoint_every``; by default
-   as often as keeps checkpoints within 5% of the run's time), from an in-memory copy
-   in a background thread (``checkpoint_background``), and appends one line to
+   as often as keeps checkpoints within 5% of the run's time; ``checkpoint_background``:
+   from an in-memory copy, in a thread), and appends one line to
    ``metrics.jsonl``.
 
 A run directory holds ``config.yaml`` (the config it was started with: a different
@@ -118,8 +118,10 @@ class TrainConfig:
     # checkpoints kept on disk (the newest ones)
     keep_checkpoints: int = 2
     # write checkpoints in a background thread from an in-memory copy (the iteration waits
-    # only for the copy: trained weights and optimizer state once more in memory meanwhile)
-    checkpoint_background: bool = True
+    # only for the copy; trained weights and optimizer state once more in memory meanwhile).
+    # Off by default: on 2 CPU cores the write competed with the next update and slowed it
+    # more than writing in line costs; it pays where the learner runs on a GPU
+    checkpoint_background: bool = False
     # trajectories per iteration appended to samples.md as text
     log_samples: int = 2
     # also write TensorBoard event files (needs the tensorboard package)

@@ -140,7 +140,8 @@ def test_async_rollout_bounds_staleness_and_a_resumed_run_loses_nothing(
     tmp_path: Path, vllm_tiny_mutable
 ) -> None:
     """max_off_policy_steps=1: batch i+1 samples while the learner trains on batch i."""
-    over = {"rollout.max_off_policy_steps": "1", "iterations": "3", "eval_every": "0"}
+    over = {"rollout.max_off_policy_steps": "1", "iterations": "3", "eval_every": "0",
+            "checkpoint_background": "true"}  # checkpoints written in a thread, too
     cfg = tiny_config(tmp_path, "grpo", **over)
     asyncio.run(train_async(cfg, backend=vllm_tiny_mutable))
     rows = [json.loads(x) for x in (Path(cfg.run_dir) / "metrics.jsonl").read_text().splitlines()]
