@@ -105,7 +105,8 @@ class RunDir:
         ``iter-N/policy`` is a plain Hugging Face folder of the policy (what ``taurl eval
         --model`` and vLLM load); ``iter-N/learner`` holds what resuming needs.
         """
-        return self.write_checkpoint(snapshot_checkpoint(iteration, learner, model_path), keep)
+        snap = snapshot_checkpoint(iteration, learner, model_path, copy=False)
+        return self.write_checkpoint(snap, keep)
 
     def write_checkpoint(self, snap: CheckpointSnapshot, keep: int) -> Path:
         """Write a :func:`snapshot_checkpoint` as :meth:`save_checkpoint` does (any thread)."""
@@ -185,8 +186,10 @@ class CheckpointSnapshot:
     rng: dict[str, object]  # Python's and NumPy's random states
 
 
-def snapshot_checkpoint(iteration: int, learner: Learner, model_path: Path) -> CheckpointSnapshot:
-    """Copy iteration ``iteration``'s checkpoint; the learner may train on while it is written.
+def snapshot_checkpoint(iteration: int, learner: Learner, model_path: Path,
+                        copy: bool = True) -> CheckpointSnapshot:
+    """Iteration ``iteration``'s checkpoint in memory; with ``copy`` the learner may train on
+    while it is written (without, it holds the learner's own weights and optimizer state).
 
     Under torchrun every rank makes the same collective calls (``_follow``: the learner's
     ``save``, whose barrier comes after its gather, then ``state_dict_for_sync``).
@@ -194,7 +197,7 @@ def snapshot_checkpoint(iteration: int, learner: Learner, model_path: Path) -> C
     from taurl.learners import checkpoint
     from taurl.learners import distributed as D
 
-    snap = checkpoint.snapshot(learner)
+    snap = checkpoint.snapshot(learner, copy)
     D.barrier()
     # float32, and said so in config.json: RL updates at small learning rates are often
     # below bf16's resolution, so a bf16 export can round the learned change away.

@@ -286,7 +286,8 @@ async def train_async(
             if last or checkpoints.due(it, busy=writer.busy):
                 t0 = time.perf_counter()
                 _lead("save")
-                snap = await _maybe_thread(overlap, snapshot_checkpoint, it, learner, model_path)
+                snap = await _maybe_thread(overlap, snapshot_checkpoint, it, learner, model_path,
+                                           cfg.checkpoint_background)  # in line: no copies
                 await _maybe_thread(overlap or writer.busy, writer.start, snap, t0)
                 if last or not cfg.checkpoint_background:
                     await _maybe_thread(overlap, writer.wait)  # on disk before going on

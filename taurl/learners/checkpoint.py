@@ -45,24 +45,26 @@ def save(learner: Learner, directory: Path) -> None:
     in the same format as a single process (a checkpoint resumes with any number
     of processes), and every rank returns once the files are complete.
     """
-    snap = snapshot(learner)
+    snap = snapshot(learner, copy=False)  # written before the learner changes
     if snap is not None:
         write(snap, Path(directory))
     D.barrier()
 
 
-def snapshot(learner: Learner) -> Snapshot | None:
-    """Copy what :func:`write` saves (every rank calls it; None off rank 0).
+def snapshot(learner: Learner, copy: bool = True) -> Snapshot | None:
+    """What :func:`write` saves (every rank calls it; None off rank 0).
 
-    The copies cost memory (the trained weights and the optimizer state once more)
-    and a memory copy's time, and let :func:`write` run in a background thread.
+    ``copy``: copies of the tensors, which cost memory (the trained weights and the
+    optimizer state once more) and a memory copy's time, and let :func:`write` run in a
+    background thread while training goes on; without, the learner's own tensors.
     """
     metadata: dict[str, str] = {}
     if learner.parallel == "fsdp2":
         weights, optimizer = _gather_fsdp_state(learner)  # already full copies, on rank 0
     else:
-        weights, metadata = _untied_copy(learner.trained_modules.state_dict())
-        optimizer = _copy_tensors(learner.optimizer.state_dict())
+        weights, metadata = _untied(learner.trained_modules.state_dict(), copy)
+        optimizer = learner.optimizer.state_dict()
+        optimizer = _copy_tensors(optimizer) if copy else optimizer
     if not D.is_main():
         return None
     rng = {"torch": torch.get_rng_state(), "shuffle": learner._shuffle.get_state()}
@@ -82,10 +84,10 @@ def write(snap: Snapshot, d: Path) -> None:
     (d / STATE_FILE).write_text(json.dumps(snap.state, indent=1))
 
 
-def _untied_copy(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Contiguous copies of ``state`` with each tied tensor once, under its first name in
-    sorted order (as ``safetensors.torch.save_model`` keeps it; ``load_model`` takes any),
-    and the metadata ``save_model`` writes (each dropped name → the name kept)."""
+def _untied(state: dict[str, torch.Tensor], copy: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``state`` contiguous (copies with ``copy``) with each tied tensor once, under its first
+    name in sorted order (as ``safetensors.torch.save_model`` keeps it; ``load_model`` takes
+    any), and the metadata ``save_model`` writes (each dropped name → the name kept)."""
     tied: dict[tuple[object, ...], list[str]] = defaultdict(list)
     for k, v in state.items():
         where = (v.untyped_storage().data_ptr(), v.storage_offset(), *v.shape) if v.numel() else (k,)
@@ -93,7 +95,8 @@ def _untied_copy(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor
     weights, metadata = {}, {}
     for names in tied.values():
         keep = min(names)
-        weights[keep] = state[keep].detach().clone(memory_format=torch.contiguous_format)
+        v = state[keep].detach()
+        weights[keep] = v.clone(memory_format=torch.contiguous_format) if copy else v.contiguous()
         metadata.update(dict.fromkeys((n for n in names if n != keep), keep))
     return weights, metadata
 

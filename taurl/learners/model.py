@@ -9,6 +9,7 @@ sampled. Position 0 has no context and is always 0.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -281,14 +282,58 @@ def shared_prefixes(
     return prefixes_K_C, row_prefix_B
 
 
+def _checkpointed(backbone: nn.Module) -> list[nn.Module]:
+    """The modules with activation checkpointing on now (training): the model, which then
+    turns its cache off, and transformers' checkpointing layers, which can pass a KV cache
+    through when told they may (``_can_checkpoint_with_cache``)."""
+    if not backbone.training:
+        return []
+    return [m for m in backbone.modules() if getattr(m, "gradient_checkpointing", False) is True]
+
+
 def _can_share_prefix(backbone: nn.Module, width: int) -> bool:
-    """A KV cache carries the prefix exactly: no activation checkpointing (it turns the
-    cache off while training) and no sliding window shorter than the rows."""
-    if backbone.training and getattr(backbone, "is_gradient_checkpointing", False):
+    """A KV cache carries the prefix exactly: no sliding window shorter than the rows, and
+    activation checkpointing (if on) of transformers' layers, which can take a cache."""
+    if backbone.training and getattr(backbone, "is_gradient_checkpointing", False) and not any(
+            hasattr(m, "_can_checkpoint_with_cache") for m in _checkpointed(backbone)):
         return False
     config = getattr(backbone, "config", None)
     window = getattr(config, "sliding_window", None)
     return not (window and getattr(config, "use_sliding_window", True) and window < width)
+
+
+@contextlib.contextmanager
+def _checkpointing(modules: list[nn.Module], on: bool) -> Iterator[None]:
+    """Activation checkpointing off (``on`` False: the prefix, whose K rows keep their
+    activations), or on with the prefix cache passed through the layers (never written)."""
+    for m in modules:
+        if not on:
+            m.gradient_checkpointing = False
+        elif hasattr(m, "_can_checkpoint_with_cache"):
+            m._can_checkpoint_with_cache = True  # this instance only
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.__dict__.pop("_can_checkpoint_with_cache", None)
+            m.gradient_checkpointing = True
+
+
+@functools.cache
+def _prefix_cache_class() -> type:
+    from transformers.cache_utils import DynamicCache
+
+    class PrefixCache(DynamicCache):
+        """A prefix's KV that each layer call extends without storing the extension, so a
+        call can run again (activation checkpointing recomputes it) and see the same cache."""
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
+                   *args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+            layer = self.layers[layer_idx]
+            return (torch.cat([layer.keys, key_states], dim=-2),
+                    torch.cat([layer.values, value_states], dim=-2))
+
+    return PrefixCache
 
 
 # What one more decoder call costs, in padded tokens, when :func:`length_buckets` weighs
@@ -371,7 +416,9 @@ def decoder_hidden(backbone: nn.Module, input_ids_B_T: torch.Tensor,
         return _run_buckets(whole, lengths, 0, T, call_tokens)
     prefixes_K_C, row_prefix_B = shared
     C = prefixes_K_C.shape[1]
-    head = backbone(input_ids=prefixes_K_C, use_cache=True)
+    checkpointed = _checkpointed(backbone)
+    with _checkpointing(checkpointed, on=False):
+        head = backbone(input_ids=prefixes_K_C, use_cache=True)
     cache = head.past_key_values
     if type(cache).__name__ != "DynamicCache" or not all(
             hasattr(layer, "keys") for layer in cache.layers):
@@ -381,10 +428,12 @@ def decoder_hidden(backbone: nn.Module, input_ids_B_T: torch.Tensor,
     def suffix(rows: list[int], L: int) -> torch.Tensor:
         # the rows' prefixes' KV (an index, so gradients flow back), then their suffixes
         idx = row_prefix_B[rows]
-        rows_cache = type(cache)([(k.index_select(0, idx), v.index_select(0, idx)) for k, v in kv],
-                                 config=getattr(backbone, "config", None))
-        return backbone(input_ids=input_ids_B_T[rows, C:L], past_key_values=rows_cache,
-                        use_cache=False).last_hidden_state
+        rows_cache = _prefix_cache_class()(
+            [(k.index_select(0, idx), v.index_select(0, idx)) for k, v in kv],
+            config=getattr(backbone, "config", None))
+        with _checkpointing(checkpointed, on=True):
+            return backbone(input_ids=input_ids_B_T[rows, C:L], past_key_values=rows_cache,
+                            use_cache=False).last_hidden_state
 
     tail = _run_buckets(suffix, lengths, C, T, call_tokens)
     return torch.cat([head.last_hidden_state[row_prefix_B], tail], dim=1)

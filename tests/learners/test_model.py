@@ -189,17 +189,39 @@ def test_length_buckets_give_the_plain_forward_with_gradients(model, share, monk
         torch.testing.assert_close(split_grads[n], g, atol=1e-4, rtol=1e-4, msg=n)
 
 
-def test_shared_prefix_steps_aside_under_activation_checkpointing(tiny_model: Path) -> None:
-    # Activation checkpointing turns the KV cache off while training: the rows run whole.
+def test_shared_prefix_runs_under_activation_checkpointing(tiny_model: Path) -> None:
+    """Under activation checkpointing a shared prompt still runs once (its K rows not
+    checkpointed; the rows' suffixes checkpointed, the prefix cache passed through and never
+    written, so the recomputation sees the same one): the plain forward's log-probs and
+    gradients, from fewer decoder tokens; the layers are left as they were."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    ids, mask = grouped_rows(prompts=1, samples=3, seed=4)
-    shared = policy_forward(model, ids, mask, 4, share_prefix=True)
-    shared.logp_B_T.sum().backward()
-    with torch.no_grad():
-        plain = policy_forward(model, ids, mask, 4, share_prefix=False)
+    ids, mask = grouped_rows(prompts=2, samples=3, seed=4)
+    w = torch.randn(ids.shape, generator=torch.Generator().manual_seed(7))
+    seen: list[int] = []
+    embed = backbone_and_head(model)[0].get_input_embeddings()
+    hook = embed.register_forward_hook(lambda _m, args, _o: seen.append(args[0].numel()))
+    results = {}
+    try:
+        for share in (False, True):
+            model.zero_grad()
+            seen.clear()
+            out = policy_forward(model, ids, mask, 4, share_prefix=share)
+            (out.logp_B_T * w).sum().backward()
+            results[share] = (out, {n: p.grad.clone() for n, p in model.named_parameters()},
+                              sum(seen))
+    finally:
+        hook.remove()
+    (plain, plain_grads, plain_tokens), (shared, shared_grads, shared_tokens) = (
+        results[False], results[True])
+    assert shared_tokens < plain_tokens
     torch.testing.assert_close(shared.logp_B_T, plain.logp_B_T, atol=1e-5, rtol=0)
+    for n, g in plain_grads.items():
+        torch.testing.assert_close(shared_grads[n], g, atol=1e-4, rtol=1e-4, msg=n)
+    layers = [m for m in model.modules() if hasattr(m, "_can_checkpoint_with_cache")]
+    assert layers and all(m.gradient_checkpointing for m in layers)
+    assert not any("_can_checkpoint_with_cache" in vars(m) for m in layers)
 
 
 def test_export_state_dict_uses_hf_names_and_drops_tied_copy(model, tiny_model: Path) -> None:
