@@ -119,8 +119,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     # write checkpoints in a background thread from an in-memory copy (the iteration waits
     # only for the copy; trained weights and optimizer state once more in memory meanwhile).
-    # Off by default: on 2 CPU cores the write competed with the next update, which slowed
-    # by about what writing in line costs; it is for a learner on a GPU (idle CPU cores)
+    # Off by default: on 2 CPU cores the write competes with the next update and the
+    # peer benchmark gained nothing; it is for a learner on a GPU (idle CPU cores)
     checkpoint_background: bool = False
     # trajectories per iteration appended to samples.md as text
     log_samples: int = 2
