@@ -97,6 +97,27 @@ def grouped_rows(prompts: int, samples: int, seed: int) -> tuple[torch.Tensor, t
     return ids, mask
 
 
+def forward_and_grads(model, ids, mask, loss, head=None, **kwargs):
+    """``policy_forward`` then backward of ``loss(out)``: the output, the gradients (the
+    value head's as ``head.*``) and each decoder call's token count (at the embedding)."""
+    params = dict(model.named_parameters())
+    if head is not None:
+        params.update({f"head.{n}": p for n, p in head.named_parameters()})
+    seen: list[int] = []
+    embed = backbone_and_head(model)[0].get_input_embeddings()
+    hook = embed.register_forward_hook(lambda _m, args, _o: seen.append(args[0].numel()))
+    try:
+        for p in params.values():
+            p.grad = None
+        out = policy_forward(model, ids, mask, 4, head, **kwargs)
+        loss(out).sum().backward()
+        return out, {n: p.grad.clone() for n, p in params.items()}, seen
+    finally:
+        hook.remove()
+        for p in params.values():
+            p.grad = None
+
+
 def test_shared_prefixes_are_the_distinct_prompts_before_the_first_sampled_token() -> None:
     ids, mask = grouped_rows(prompts=2, samples=3, seed=0)
     prefixes, row_prefix = shared_prefixes(ids, mask)
@@ -114,23 +135,12 @@ def test_shared_prefix_forward_equals_the_plain_forward_with_gradients(model) ->
     head = new_value_head(model.config.hidden_size, torch.device("cpu"))
     torch.nn.init.normal_(head.weight, std=0.1)  # a zero head would hide wrong hidden states
     w = torch.randn(ids.shape, generator=torch.Generator().manual_seed(3))
-    seen: list[int] = []
-    embed = backbone_and_head(model)[0].get_input_embeddings()
-    hook = embed.register_forward_hook(lambda _m, args, _o: seen.append(args[0].numel()))
     results = {}
-    try:
-        for share in (False, True):
-            model.zero_grad()
-            head.zero_grad()
-            seen.clear()
-            out = policy_forward(model, ids, mask, 4, head, entropy_grad=True, share_prefix=share)
-            ((out.logp_B_T + out.entropy_B_T) * w + out.values_B_T * mask).sum().backward()
-            grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-            grads.update({f"head.{n}": p.grad.clone() for n, p in head.named_parameters()})
-            results[share] = (out, grads, sum(seen))
-    finally:
-        hook.remove()
-        model.zero_grad()
+    for share in (False, True):
+        out, grads, seen = forward_and_grads(
+            model, ids, mask, lambda o: (o.logp_B_T + o.entropy_B_T) * w + o.values_B_T * mask,
+            head, entropy_grad=True, share_prefix=share)
+        results[share] = (out, grads, sum(seen))
     (plain, plain_grads, plain_tokens), (shared, shared_grads, shared_tokens) = (
         results[False], results[True])
     B, T = ids.shape
@@ -161,22 +171,13 @@ def test_length_buckets_give_the_plain_forward_with_gradients(model, share, monk
     entropies and gradients as every row whole, from fewer decoder tokens."""
     ids, mask = grouped_rows(prompts=2, samples=4, seed=5)
     w = torch.randn(ids.shape, generator=torch.Generator().manual_seed(6))
-    seen: list[int] = []
-    embed = backbone_and_head(model)[0].get_input_embeddings()
-    hook = embed.register_forward_hook(lambda _m, args, _o: seen.append(args[0].numel()))
     results = {}
-    try:
-        for call_tokens in (10**9, 0):  # one call (the plain forward), then a call per length
-            monkeypatch.setitem(model_module.BUCKET_CALL_TOKENS, "cpu", call_tokens)
-            model.zero_grad()
-            seen.clear()
-            out = policy_forward(model, ids, mask, 4, entropy_grad=True, share_prefix=share)
-            ((out.logp_B_T + out.entropy_B_T) * w).sum().backward()
-            results[call_tokens] = (out, {n: p.grad.clone() for n, p in model.named_parameters()},
-                                    sum(seen), len(seen))
-    finally:
-        hook.remove()
-        model.zero_grad()
+    for call_tokens in (10**9, 0):  # one call (the plain forward), then a call per length
+        monkeypatch.setitem(model_module.BUCKET_CALL_TOKENS, "cpu", call_tokens)
+        out, grads, seen = forward_and_grads(
+            model, ids, mask, lambda o: (o.logp_B_T + o.entropy_B_T) * w,
+            entropy_grad=True, share_prefix=share)
+        results[call_tokens] = (out, grads, sum(seen), len(seen))
     (whole, whole_grads, whole_tokens, _), (split, split_grads, split_tokens, calls) = (
         results[10**9], results[0])
     lengths = scored_lengths(mask)
@@ -199,20 +200,11 @@ def test_shared_prefix_runs_under_activation_checkpointing(tiny_model: Path) -> 
     model.train()
     ids, mask = grouped_rows(prompts=2, samples=3, seed=4)
     w = torch.randn(ids.shape, generator=torch.Generator().manual_seed(7))
-    seen: list[int] = []
-    embed = backbone_and_head(model)[0].get_input_embeddings()
-    hook = embed.register_forward_hook(lambda _m, args, _o: seen.append(args[0].numel()))
     results = {}
-    try:
-        for share in (False, True):
-            model.zero_grad()
-            seen.clear()
-            out = policy_forward(model, ids, mask, 4, share_prefix=share)
-            (out.logp_B_T * w).sum().backward()
-            results[share] = (out, {n: p.grad.clone() for n, p in model.named_parameters()},
-                              sum(seen))
-    finally:
-        hook.remove()
+    for share in (False, True):
+        out, grads, seen = forward_and_grads(model, ids, mask, lambda o: o.logp_B_T * w,
+                                             share_prefix=share)
+        results[share] = (out, grads, sum(seen))
     (plain, plain_grads, plain_tokens), (shared, shared_grads, shared_tokens) = (
         results[False], results[True])
     assert shared_tokens < plain_tokens
