@@ -11,7 +11,7 @@ once (``learner.share_prefix``); ``--shared-prompt`` gives each group one prompt
 samples have (otherwise every row's tokens are random and nothing is shared). With
 ``--ragged`` the rows' last turns end at random lengths, as sampled answers do, and a fourth
 phase, ``grpo-shared-whole``, runs them padded to the longest row in one decoder call (the
-default update splits them into length buckets, ``taurl.learners.model.length_buckets``).
+default update splits them into length buckets, ``taurl.learners.forward.length_buckets``).
 Each phase runs in its own process so that its peak memory is its own. To show the floor is a real one, the bare phase also reports its achieved FLOP/s
 (6 × parameters × tokens for the decoder, 6 × hidden × vocab per sampled token for
 the head) next to a plain ``a @ b`` matmul's FLOP/s on the same cores and precision.
@@ -125,9 +125,9 @@ def run_phase(phase: str, args: argparse.Namespace, queue) -> None:
                               prompt_len=args.prompt_len, shared_prompt=args.shared_prompt,
                               ragged=args.ragged)
     if phase == "grpo-shared-whole":  # every row padded to the longest, in one decoder call
-        import taurl.learners.model as model_module
+        from taurl.learners import forward
 
-        model_module.BUCKET_CALL_TOKENS[device_type(args.device)] = 10**9
+        forward.BUCKET_CALL_TOKENS[device_type(args.device)] = 10**9
     tokens = sum(len(t.token_ids) for t in trajs)
     device = learner.device
     if device.type == "cuda":

@@ -10,17 +10,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from taurl.learners import model as model_module
+from taurl.learners import forward
 from taurl.learners.config import LoraConfig
+from taurl.learners.forward import length_buckets, scored_lengths, shared_prefixes
 from taurl.learners.model import (
     add_lora,
     backbone_and_head,
     export_state_dict,
-    length_buckets,
     new_value_head,
     policy_forward,
-    scored_lengths,
-    shared_prefixes,
 )
 
 
@@ -173,7 +171,7 @@ def test_length_buckets_give_the_plain_forward_with_gradients(model, share, monk
     w = torch.randn(ids.shape, generator=torch.Generator().manual_seed(6))
     results = {}
     for call_tokens in (10**9, 0):  # one call (the plain forward), then a call per length
-        monkeypatch.setitem(model_module.BUCKET_CALL_TOKENS, "cpu", call_tokens)
+        monkeypatch.setitem(forward.BUCKET_CALL_TOKENS, "cpu", call_tokens)
         out, grads, seen = forward_and_grads(
             model, ids, mask, lambda o: (o.logp_B_T + o.entropy_B_T) * w,
             entropy_grad=True, share_prefix=share)
