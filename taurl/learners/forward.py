@@ -171,11 +171,13 @@ def decoder_hidden(backbone: nn.Module, input_ids_B_T: torch.Tensor,
     B, T = input_ids_B_T.shape
     lengths = scored_lengths(mask_B_T) if buckets else [T] * B
     call_tokens = BUCKET_CALL_TOKENS.get(input_ids_B_T.device.type, 4096)
+
+    def whole(rows: list[int], L: int) -> torch.Tensor:
+        ids = input_ids_B_T if len(rows) == B and L == T else input_ids_B_T[rows, :L]
+        return backbone(input_ids=ids, use_cache=False).last_hidden_state
+
     shared = shared_prefixes(input_ids_B_T, mask_B_T) if share_prefix else None
     if shared is None or not _can_share_prefix(backbone, T):
-        def whole(rows: list[int], L: int) -> torch.Tensor:
-            ids = input_ids_B_T if len(rows) == B and L == T else input_ids_B_T[rows, :L]
-            return backbone(input_ids=ids, use_cache=False).last_hidden_state
         return _run_buckets(whole, lengths, 0, T, call_tokens)
     prefixes_K_C, row_prefix_B = shared
     C = prefixes_K_C.shape[1]
@@ -184,8 +186,8 @@ def decoder_hidden(backbone: nn.Module, input_ids_B_T: torch.Tensor,
         head = backbone(input_ids=prefixes_K_C, use_cache=True)
     cache = head.past_key_values
     if type(cache).__name__ != "DynamicCache" or not all(
-            hasattr(layer, "keys") for layer in cache.layers):
-        return backbone(input_ids=input_ids_B_T, use_cache=False).last_hidden_state
+            hasattr(layer, "keys") for layer in cache.layers):  # a cache we cannot index: rows whole
+        return _run_buckets(whole, lengths, 0, T, call_tokens)
     kv = [(layer.keys, layer.values) for layer in cache.layers]
 
     def suffix(rows: list[int], L: int) -> torch.Tensor:
