@@ -54,6 +54,9 @@ class LearnerConfig:
     dtype: Literal["auto", "bf16", "float32"] = "auto"  # auto: bf16 on CUDA / native-bf16 CPUs
     device: str = "auto"  # auto: cuda when a GPU is present, else cpu; or a torch device
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
+    # on CPU (glibc): keep freed memory for reuse instead of unmapping it, so each update
+    # does not page-fault and re-zero its tensors; the process keeps its peak memory
+    cpu_keep_freed_memory: bool = True
     lora: LoraConfig = field(default_factory=LoraConfig)  # LoRA adapters (rank 0 = off)
     seed: int = 0  # seeds the minibatch shuffling
     # under torchrun with N > 1 processes: ddp (replicate the model) | fsdp2 (shard it)

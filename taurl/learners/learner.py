@@ -49,7 +49,13 @@ from taurl.learners import losses as L
 from taurl.learners import reward_side as R
 from taurl.learners.batch import Batch, Denominators, build_batch, split_minibatches
 from taurl.learners.config import LearnerConfig
-from taurl.learners.model import autocast, export_state_dict, pick_autocast_dtype, pick_device
+from taurl.learners.model import (
+    autocast,
+    export_state_dict,
+    keep_freed_memory,
+    pick_autocast_dtype,
+    pick_device,
+)
 from taurl.types import Trajectory
 
 
@@ -71,6 +77,8 @@ class Learner:
         self.parallel = config.parallel if self.world_size > 1 else "none"
         self.device = D.local_device(pick_device(config.device))
         self.amp_dtype = pick_autocast_dtype(config.dtype, self.device)
+        if self.device.type == "cpu" and config.cpu_keep_freed_memory:
+            keep_freed_memory()
         self.policy_version = 0  # optimizer steps taken: the version the weights sync as
         self._shuffle = torch.Generator().manual_seed(config.seed)
         self.estimator = A.get_estimator(o.advantage)

@@ -35,6 +35,32 @@ def pick_device(name: str) -> torch.device:
                           "or cuda") from e
 
 
+def keep_freed_memory() -> bool:
+    """Have glibc's allocator keep freed memory for reuse (this process, from now on).
+
+    By default glibc serves large allocations (> 128 KiB to 32 MiB) with fresh ``mmap``
+    pages and unmaps them on free, and trims the heap top: every update page-faults its
+    logits, gradients and activations in again and the kernel zeroes them. Measured on
+    SmolLM2-135M float32, 16 rows × ~90 tokens, 2-core EPYC: ~200k–1M minor faults and
+    0.5–3.5 s of system time per update, all but gone with this (update 8.80 → 7.75 s
+    mean over 14, peak RSS the same 4.8 GB). Returns False where there is no glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = libc.mallopt if libc is not None else None
+    except (OSError, AttributeError):
+        return False
+    if mallopt is None:
+        return False
+    # glibc falls back to the main heap (brk) for anything its mmap would have served
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
 def pick_autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``learner.dtype`` on ``device``; None means plain float32.
 
