@@ -14,8 +14,14 @@ checkpointing.
   a checkpoint when one is due); with ``off_policy=1`` (``rollout.max_off_policy_steps``)
   the next batch's rollout overlaps the update.
 - TRL: ``GRPOTrainer`` with ``use_cpu=True, bf16=False``: it samples with transformers'
-  ``generate`` on the policy itself (no sync needed) and saves nothing. A step is one
-  optimizer step: generation + scoring + forward/backward + AdamW.
+  ``generate`` on the policy itself (no sync needed). A step is one optimizer step:
+  generation + scoring + forward/backward + AdamW.
+
+Both save one resumable checkpoint at the end of a run (weights, optimizer state, RNG
+states: taurl's forced last-iteration checkpoint, TRL's ``save_steps`` = the last step),
+counted in that run's last step; taurl may also save earlier, when its schedule (5% of
+the run's time) says so. Short runs weigh the end-of-run checkpoint heavily (one of
+``steps / rounds`` steps): ``steps=12 rounds=2`` is the README's setting.
 
 Each framework runs in its own process (both want the two cores), alternately: ``rounds``
 rounds, each one taurl run and one TRL run (order swapped every round), each run doing
@@ -169,19 +175,25 @@ def run_trl(model: str, seed: int, warmup: int, steps: int) -> dict:
     class StepTimer(TrainerCallback):
         def __init__(self) -> None:
             self.rows: list[dict] = []
-            self.t0 = 0.0
+            self.t0 = self.t1 = 0.0
 
         def on_step_begin(self, args, state, control, **kw):
             spans.clear()
             self.t0 = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
-            step_s = time.perf_counter() - self.t0
+            self.t1 = time.perf_counter()
+            step_s = self.t1 - self.t0
             took = dict(spans)
             rollout = took.get("GRPOTrainer._prepare_inputs", 0.0)
             self.rows.append({"step_s": step_s, "rollout": rollout,
                               "generate": took.get("GRPOTrainer.transformers.generate", 0.0),
-                              "update": step_s - rollout})
+                              "update": step_s - rollout, "checkpoint": 0.0})
+
+        def on_save(self, args, state, control, **kw):  # right after the step's checkpoint
+            row = self.rows[-1]
+            row["checkpoint"] = time.perf_counter() - self.t1
+            row["step_s"] += row["checkpoint"]
 
     with tempfile.TemporaryDirectory() as tmp:
         args = GRPOConfig(
@@ -192,7 +204,8 @@ def run_trl(model: str, seed: int, warmup: int, steps: int) -> dict:
             learning_rate=LR, max_grad_norm=MAX_GRAD_NORM, weight_decay=0.0,
             lr_scheduler_type="constant", beta=0.0, num_iterations=1, epsilon=CLIP_EPS,
             loss_type="grpo", scale_rewards="group", gradient_checkpointing=False,
-            shuffle_dataset=False, max_steps=total, save_strategy="no", report_to="none",
+            shuffle_dataset=False, max_steps=total, report_to="none",
+            save_strategy="steps", save_steps=total, save_only_model=False,  # one, at the end
             logging_steps=1, disable_tqdm=True,
         )
         policy = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -293,7 +306,8 @@ def main(opts: dict) -> None:
                       + f" s/step ({time.perf_counter() - t0:.0f} s with start-up; load average "
                       f"{load:.1f} at its end)", flush=True)
     stats = {k: summary([row["step_s"] for row in v]) for k, v in results.items()}
-    parts = {"taurl": ("rollout", "update", "sync", "checkpoint"), "trl": ("rollout", "generate", "update")}
+    parts = {"taurl": ("rollout", "update", "sync", "checkpoint"),
+             "trl": ("rollout", "generate", "update", "checkpoint")}
     print("\n| framework | s/step median | min–max | components (median s) | sampled success "
           "| new tokens/sample |\n|---|---|---|---|---|---|")
     for kind, label in (("trl", f"TRL {info['trl']} GRPOTrainer (HF generate)"),
@@ -306,11 +320,13 @@ def main(opts: dict) -> None:
         mean_len = f"{statistics.mean(lens):.1f}" if lens else "–"
         print(f"| {label} | {s['median']:.1f} | {s['min']:.1f}–{s['max']:.1f} | {comp} | {mean_succ} "
               f"| {mean_len} |")
-    no_ckpt = statistics.median(row["step_s"] - row["checkpoint"] for row in results["taurl"])
+    no_ckpt = {k: statistics.median(row["step_s"] - row["checkpoint"] for row in v)
+               for k, v in results.items()}
     ratio = stats["trl"]["median"] / stats["taurl"]["median"]
-    ratio_no_ckpt = stats["trl"]["median"] / no_ckpt
+    ratio_no_ckpt = no_ckpt["trl"] / no_ckpt["taurl"]
     print(f"\nTRL / taurl seconds per step (medians): {ratio:.2f}x "
-          f"({ratio_no_ckpt:.2f}x against taurl's step without its checkpoint, {no_ckpt:.1f} s)")
+          f"({ratio_no_ckpt:.2f}x with neither's checkpoints counted: TRL {no_ckpt['trl']:.1f} s, "
+          f"taurl {no_ckpt['taurl']:.1f} s)")
     if opts["out"]:
         Path(opts["out"]).write_text(json.dumps({
             "machine": info, "options": opts, "work": {
