@@ -201,7 +201,7 @@ def snapshot_checkpoint(iteration: int, learner: Learner, model_path: Path,
     D.barrier()
     # float32, and said so in config.json: RL updates at small learning rates are often
     # below bf16's resolution, so a bf16 export can round the learned change away.
-    policy = {k: v.contiguous() for k, v in learner.state_dict_for_sync(torch.float32).items()}
+    policy = {k: v.contiguous() for k, v in learner.state_dict_for_sync(torch.float32, copy).items()}
     return CheckpointSnapshot(iteration, snap, policy, model_path,
                               {"python": random.getstate(), "numpy": np.random.get_state()})
 

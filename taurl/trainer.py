@@ -158,7 +158,8 @@ async def train_async(
         # iteration 0, a resumed or shared one does not.
         t0 = time.perf_counter()
         _lead("sync")
-        await backend.update_weights(learner.state_dict_for_sync(sync_dtype(backend)), learner.policy_version)
+        await backend.update_weights(learner.state_dict_for_sync(sync_dtype(backend), copy=False),
+                                     learner.policy_version)
         initial_sync_s = time.perf_counter() - t0
         agent = Agent(backend, tokenizer, cfg.rollout.agent)
         checkpoints = CheckpointSchedule(cfg.checkpoint_every, cfg.checkpoint_budget, start_iter)
@@ -318,7 +319,7 @@ async def _learn(
     metrics.update(await _maybe_thread(overlap, learner.update, batch))
     t2 = time.perf_counter()
     await backend.update_weights(
-        learner.state_dict_for_sync(sync_dtype(backend)), learner.policy_version
+        learner.state_dict_for_sync(sync_dtype(backend), copy=False), learner.policy_version
     )
     t3 = time.perf_counter()
     metrics.update({

@@ -134,7 +134,8 @@ class InferenceBackend(abc.ABC):
 
         Returns once every replica samples with the new weights. Requests already in
         flight finish first with the old weights, so one Generation never mixes two
-        policies.
+        policies. The tensors may be the learner's own parameters (the trainer passes
+        them without a copy): a backend copies what it keeps before returning.
         """
 
     @abc.abstractmethod

@@ -176,15 +176,18 @@ class Learner:
                                  targets, acc)
         return acc.means()
 
-    def state_dict_for_sync(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    def state_dict_for_sync(self, dtype: torch.dtype | None = None,
+                            copy: bool = True) -> dict[str, torch.Tensor]:
         """The policy's weights under Hugging Face names (LoRA merged), for the inference engine.
 
         ``dtype`` converts them (e.g. ``torch.bfloat16`` for a bf16 engine); tied
-        weights appear once. Under torchrun every rank calls it (FSDP2 gathers the
-        shards) and ranks other than 0 get ``{}``.
+        weights appear once. ``copy=False`` may return the parameters themselves (detached)
+        where no conversion is needed: for a caller done with them before the next update
+        (``InferenceBackend.update_weights`` copies what it keeps). Under torchrun every
+        rank calls it (FSDP2 gathers the shards) and ranks other than 0 get ``{}``.
         """
         if self.parallel != "fsdp2":
-            return export_state_dict(self.model, dtype) if D.is_main() else {}
+            return export_state_dict(self.model, dtype, copy) if D.is_main() else {}
         full = D.full_state_dict(self.trained_modules)
         if not D.is_main():
             return {}

@@ -305,13 +305,15 @@ def policy_forward(
 
 
 def export_state_dict(
-    model: nn.Module, dtype: torch.dtype | None = None
+    model: nn.Module, dtype: torch.dtype | None = None, copy: bool = True
 ) -> dict[str, torch.Tensor]:
     """The policy's weights under Hugging Face names, LoRA merged in, for weight sync.
 
     Tied weights (e.g. ``lm_head.weight`` = ``model.embed_tokens.weight``) appear once,
     under the name that comes first, as ``save_pretrained`` writes them. Tensors are
-    detached copies (the caller may keep them while training goes on).
+    detached copies (the caller may keep them while training goes on); with ``copy=False``
+    a tensor already in ``dtype`` is the parameter itself, detached (it changes with the
+    next optimizer step).
     """
     if is_peft(model):
         from peft.tuners.lora import LoraLayer
@@ -333,5 +335,6 @@ def export_state_dict(
         if ptr in seen:
             continue
         seen.add(ptr)
-        out[k] = v.detach().to(dtype=dtype or v.dtype).clone()
+        v = v.detach().to(dtype=dtype or v.dtype)
+        out[k] = v.clone() if copy else v
     return out

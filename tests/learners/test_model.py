@@ -282,3 +282,14 @@ def test_keep_freed_memory_stops_large_tensors_from_faulting_in_again() -> None:
     # faults); kept, the freed block is reused (at most one of the five, seen now and then,
     # still lands on new pages while glibc settles)
     assert default > 4.5 * 16_384 and reused < 16_384 + 1_000, (default, reused)
+
+
+def test_export_state_dict_without_copy_hands_out_the_parameters(model) -> None:
+    params = {n: p for n, p in model.named_parameters()}
+    shared = export_state_dict(model, torch.float32, copy=False)
+    assert all(v.data_ptr() == params[k].data_ptr() and not v.requires_grad
+               for k, v in shared.items())
+    copied = export_state_dict(model, torch.float32)
+    assert all(v.data_ptr() != params[k].data_ptr() for k, v in copied.items())
+    converted = export_state_dict(model, torch.bfloat16, copy=False)  # a conversion is a copy
+    assert all(v.dtype == torch.bfloat16 for v in converted.values())
