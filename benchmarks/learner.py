@@ -12,6 +12,10 @@ samples have (otherwise every row's tokens are random and nothing is shared). Wi
 ``--ragged`` the rows' last turns end at random lengths, as sampled answers do, and a fourth
 phase, ``grpo-shared-whole``, runs them padded to the longest row in one decoder call (the
 default update splits them into length buckets, ``taurl.learners.forward.length_buckets``).
+With ``--unmapped-memory`` a last phase, ``grpo-shared-unmapped``, is the default update with
+``learner.cpu_keep_freed_memory`` off: glibc's default, which unmaps large freed blocks, so
+every update page-faults its tensors in again (each phase reports minor page faults and
+system seconds per step).
 Each phase runs in its own process so that its peak memory is its own. To show the floor is a real one, the bare phase also reports its achieved FLOP/s
 (6 × parameters × tokens for the decoder, 6 × hidden × vocab per sampled token for
 the head) next to a plain ``a @ b`` matmul's FLOP/s on the same cores and precision.
@@ -119,6 +123,7 @@ def run_phase(phase: str, args: argparse.Namespace, queue) -> None:
         dtype=args.dtype, device=args.device, micro_batch_tokens=args.micro_batch_tokens,
         gradient_checkpointing=args.gradient_checkpointing,
         share_prefix=phase.startswith("grpo-shared"),
+        cpu_keep_freed_memory=phase != "grpo-shared-unmapped",
     )
     learner = Learner(cfg, path)
     trajs = make_trajectories(args.batch, args.seq_len, args.group_size,
@@ -164,12 +169,14 @@ def run_phase(phase: str, args: argparse.Namespace, queue) -> None:
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     for _ in range(args.steps):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = (time.perf_counter() - start) / args.steps
+    after = resource.getrusage(resource.RUSAGE_SELF)
     extra = {}
     if phase == "bare":
         head_params = model.get_output_embeddings().weight.numel()
@@ -184,6 +191,8 @@ def run_phase(phase: str, args: argparse.Namespace, queue) -> None:
         "tokens": tokens, "seconds_per_step": round(elapsed, 3),
         "tokens_per_s": round(tokens / elapsed, 1),
         "peak_memory_mb": round(peak_memory_mb(device), 1),
+        "minor_faults_per_step": round((after.ru_minflt - usage.ru_minflt) / args.steps),
+        "system_s_per_step": round((after.ru_stime - usage.ru_stime) / args.steps, 2),
     })
 
 
@@ -199,6 +208,8 @@ def main() -> None:
     p.add_argument("--ragged", action="store_true",
                    help="rows of different lengths; adds the phase grpo-shared-whole (no length "
                         "buckets: every row padded to the longest)")
+    p.add_argument("--unmapped-memory", action="store_true",
+                   help="adds the phase grpo-shared-unmapped (learner.cpu_keep_freed_memory off)")
     p.add_argument("--micro-batch-tokens", type=int, default=4096)
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "float32"])
     p.add_argument("--device", default="auto")
@@ -211,7 +222,8 @@ def main() -> None:
 
     ctx = mp.get_context("spawn")
     results = {}
-    phases = ["bare", "grpo", "grpo-shared"] + ["grpo-shared-whole"] * args.ragged
+    phases = (["bare", "grpo", "grpo-shared"] + ["grpo-shared-whole"] * args.ragged
+              + ["grpo-shared-unmapped"] * args.unmapped_memory)
     for phase in phases:
         queue = ctx.Queue()
         proc = ctx.Process(target=run_phase, args=(phase, args, queue))
@@ -236,6 +248,13 @@ def main() -> None:
         print(f"rows in length buckets: {shared['seconds_per_step']} s/step vs "
               f"{whole['seconds_per_step']} padded to the longest in one call "
               f"({whole['seconds_per_step'] / shared['seconds_per_step']:.2f}x faster)")
+    if args.unmapped_memory:
+        unmapped = results["grpo-shared-unmapped"]
+        print(f"freed memory kept: {shared['seconds_per_step']} s/step, "
+              f"{shared['minor_faults_per_step']} faults and {shared['system_s_per_step']} system s "
+              f"per step vs {unmapped['seconds_per_step']}, {unmapped['minor_faults_per_step']} and "
+              f"{unmapped['system_s_per_step']} unmapped "
+              f"({unmapped['seconds_per_step'] / shared['seconds_per_step']:.2f}x faster)")
 
 
 if __name__ == "__main__":
