@@ -100,8 +100,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64, help="new tokens per request")
     parser.add_argument("--backends", default="vllm,hf", help="comma list of vllm, hf")
     parser.add_argument("--cpu-threads", type=int, default=None,
-                        help="vLLM worker cores (VLLM_CPU_OMP_THREADS_BIND=0-N-1); "
-                        "default: vLLM's auto binding")  # fmt: skip
+                        help="vLLM worker cores (the first N this process may use); default: "
+                        "all of them (VLLM_CPU_OMP_THREADS_BIND=auto in the environment: "
+                        "vLLM's own binding)")  # fmt: skip
     parser.add_argument(
         "--no-warmup", action="store_true", help="vLLM: skip the warm-up requests at start"
     )

