@@ -72,6 +72,13 @@ def sync_dtype(backend: InferenceBackend) -> torch.dtype:
     return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
+async def sync_weights(backend: InferenceBackend, learner: Learner) -> None:
+    """Load the learner's policy into the engine, in the engine's dtype. The parameters go
+    without a copy: ``update_weights`` copies what it keeps before the next update."""
+    await backend.update_weights(learner.state_dict_for_sync(sync_dtype(backend), copy=False),
+                                 learner.policy_version)
+
+
 def _resolve_model_options(config: LearnerConfig) -> LearnerConfig:
     """``options.teacher_path`` / ``critic_path`` may name a built-in model, as ``model:`` does."""
     o = config.options
@@ -158,8 +165,7 @@ async def train_async(
         # iteration 0, a resumed or shared one does not.
         t0 = time.perf_counter()
         _lead("sync")
-        await backend.update_weights(learner.state_dict_for_sync(sync_dtype(backend), copy=False),
-                                     learner.policy_version)
+        await sync_weights(backend, learner)
         initial_sync_s = time.perf_counter() - t0
         agent = Agent(backend, tokenizer, cfg.rollout.agent)
         checkpoints = CheckpointSchedule(cfg.checkpoint_every, cfg.checkpoint_budget, start_iter)
@@ -318,9 +324,7 @@ async def _learn(
     _lead("update", batch)
     metrics.update(await _maybe_thread(overlap, learner.update, batch))
     t2 = time.perf_counter()
-    await backend.update_weights(
-        learner.state_dict_for_sync(sync_dtype(backend), copy=False), learner.policy_version
-    )
+    await sync_weights(backend, learner)
     t3 = time.perf_counter()
     metrics.update({
         "timing/update_s": t2 - t1, "timing/sync_s": t3 - t2,
