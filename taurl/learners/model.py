@@ -43,8 +43,8 @@ def keep_freed_memory() -> bool:
     every update page-faults its logits, gradients and activations in again and the kernel
     zeroes them. Measured on SmolLM2-135M float32, 16 rows × ~90 tokens, 2-core EPYC
     (``benchmarks/learner.py --unmapped-memory``): 150k–1M minor faults and 0.5–3.5 s of
-    system time per update, all but gone with this; the update 1.08–1.14× faster in two
-    alternating A/Bs, within noise in a third run; peak RSS the same. (If the heap cannot
+    system time per update, all but gone with this; the update's time changed within this
+    machine's noise (0.96×–1.14× over three comparisons); peak RSS the same. (If the heap cannot
     grow, glibc still maps memory for it: this stops only the per-allocation mappings.)
     Returns False where there is no glibc.
     """
