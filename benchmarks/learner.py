@@ -9,9 +9,11 @@ weights, metrics), computed over the same tokens (``share_prefix`` off). A third
 ``grpo-shared``, is the default update, which runs a prompt the rows of a group share only
 once (``learner.share_prefix``); ``--shared-prompt`` gives each group one prompt, as GRPO's
 samples have (otherwise every row's tokens are random and nothing is shared). With
-``--ragged`` the rows' last turns end at random lengths, as sampled answers do, and a fourth
-phase, ``grpo-shared-whole``, runs them padded to the longest row in one decoder call (the
-default update splits them into length buckets, ``taurl.learners.forward.length_buckets``).
+``--ragged`` the rows' last turns end at random lengths, as sampled answers do, and two more
+phases run them unpacked: ``grpo-shared-buckets`` in length buckets
+(``taurl.learners.forward.length_buckets``, the default on a GPU), ``grpo-shared-whole``
+padded to the longest row in one decoder call (on a CPU the default update packs short rows
+end to end, ``taurl.learners.forward.packs``, where the unpacked calls would be small).
 With ``--unmapped-memory`` a last phase, ``grpo-shared-unmapped``, is the default update with
 ``learner.cpu_keep_freed_memory`` off: glibc's default, which unmaps large freed blocks, so
 every update page-faults its tensors in again (each phase reports minor page faults and
@@ -129,10 +131,12 @@ def run_phase(phase: str, args: argparse.Namespace, queue) -> None:
     trajs = make_trajectories(args.batch, args.seq_len, args.group_size,
                               prompt_len=args.prompt_len, shared_prompt=args.shared_prompt,
                               ragged=args.ragged)
-    if phase == "grpo-shared-whole":  # every row padded to the longest, in one decoder call
+    if phase in ("grpo-shared-whole", "grpo-shared-buckets"):  # the rows unpacked
         from taurl.learners import forward
 
-        forward.BUCKET_CALL_TOKENS[device_type(args.device)] = 10**9
+        forward.PACK_TOKENS[device_type(args.device)] = 0
+        if phase == "grpo-shared-whole":  # every row padded to the longest, in one decoder call
+            forward.BUCKET_CALL_TOKENS[device_type(args.device)] = 10**9
     tokens = sum(len(t.token_ids) for t in trajs)
     device = learner.device
     if device.type == "cuda":
@@ -206,8 +210,8 @@ def main() -> None:
     p.add_argument("--shared-prompt", action="store_true",
                    help="the rows of a group share their prompt, as GRPO's samples do")
     p.add_argument("--ragged", action="store_true",
-                   help="rows of different lengths; adds the phase grpo-shared-whole (no length "
-                        "buckets: every row padded to the longest)")
+                   help="rows of different lengths; adds the phases grpo-shared-buckets (unpacked, "
+                        "in length buckets) and grpo-shared-whole (every row padded to the longest)")
     p.add_argument("--unmapped-memory", action="store_true",
                    help="adds the phase grpo-shared-unmapped (learner.cpu_keep_freed_memory off)")
     p.add_argument("--micro-batch-tokens", type=int, default=4096)
@@ -222,7 +226,8 @@ def main() -> None:
 
     ctx = mp.get_context("spawn")
     results = {}
-    phases = (["bare", "grpo", "grpo-shared"] + ["grpo-shared-whole"] * args.ragged
+    phases = (["bare", "grpo", "grpo-shared"]
+              + ["grpo-shared-buckets", "grpo-shared-whole"] * args.ragged
               + ["grpo-shared-unmapped"] * args.unmapped_memory)
     for phase in phases:
         queue = ctx.Queue()
@@ -244,10 +249,12 @@ def main() -> None:
           f"{bare['matmul_gflops']} GFLOP/s; with shared prompts run once, "
           f"{shared['seconds_per_step'] / bare['seconds_per_step']:.2f}x")
     if args.ragged:
-        whole = results["grpo-shared-whole"]
-        print(f"rows in length buckets: {shared['seconds_per_step']} s/step vs "
-              f"{whole['seconds_per_step']} padded to the longest in one call "
-              f"({whole['seconds_per_step'] / shared['seconds_per_step']:.2f}x faster)")
+        whole, split = results["grpo-shared-whole"], results["grpo-shared-buckets"]
+        print(f"the default update: {shared['seconds_per_step']} s/step; unpacked in length "
+              f"buckets {split['seconds_per_step']} "
+              f"({split['seconds_per_step'] / shared['seconds_per_step']:.2f}x slower), padded to "
+              f"the longest in one call {whole['seconds_per_step']} "
+              f"({whole['seconds_per_step'] / shared['seconds_per_step']:.2f}x slower)")
     if args.unmapped_memory:
         unmapped = results["grpo-shared-unmapped"]
         print(f"freed memory kept: {shared['seconds_per_step']} s/step, "

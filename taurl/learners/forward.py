@@ -1,11 +1,16 @@
 """The decoder's forward over a micro-batch, without the work padding and shared prompts add.
 
-Two savings, each exact up to float rounding (tests compare log-probs and gradients with
-the plain padded forward): rows that share a prompt (a GRPO group) run it once, its KV
-cache indexed out to the rows (:func:`shared_prefixes`; under activation checkpointing too,
-through a :func:`_prefix_cache_class` cache that is never written); rows of very different
-lengths run in length buckets, none past its last sampled token (:func:`length_buckets`).
-:func:`decoder_hidden` applies both; ``model.policy_forward`` calls it.
+Savings, each exact up to float rounding (tests compare log-probs and gradients with
+the plain padded forward): rows that share a prompt (a GRPO group) run it once
+(:func:`shared_prefixes`), and no row runs past its last sampled token. On a CPU the rows
+are *packed*: prompts and rows laid end to end in one sequence at their own positions, every
+layer but attention running on the real tokens only, attention per segment
+(:func:`_packed_attention`, registered with transformers), so the matmuls are as large as
+the batch and nothing is padded. Elsewhere (a GPU runs padding almost free) the prompts' KV
+cache is indexed out to the rows (under activation checkpointing too, through a
+:func:`_prefix_cache_class` cache that is never written) and rows of very different lengths
+run in length buckets (:func:`length_buckets`). :func:`decoder_hidden` chooses;
+``model.policy_forward`` calls it.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -155,28 +161,180 @@ def _run_buckets(run: Callable[[list[int], int], torch.Tensor], lengths: list[in
     return torch.cat(parts)[inverse.to(parts[0].device)]
 
 
+# Whether rows are packed, by device type. On a CPU small matmuls run far below peak
+# (float32, 2-core EPYC: GEMMs of 88 rows at 95-130 GFLOP/s and weight gradients with 88 to
+# 350 in the reduction at 30-80, against ~175 for 600 rows), so running a micro-batch's real
+# tokens as one sequence pays; a GPU pads almost free (and is not measured packed).
+PACK_ROWS = {"cpu": True, "cuda": False}
+#: Decoders whose attention is plain softmax(q·k·scale)·v over the keys a mask allows (no
+#: soft-capping, sinks or ALiBi), which :func:`_packed_attention` reproduces.
+PACKABLE_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+_PACKED_ATTENTION = "taurl_packed"
+
+
+@dataclass
+class PackedSegments:
+    """Where each segment of a packed sequence finds its queries and keys.
+
+    A segment is a prefix (a prompt the rows of a group share) or a row's own tokens; a
+    row's keys are its prefix's tokens, then its own. S segments, padded to Lq queries and
+    Lk keys; indices are positions in the packed sequence (0 in padding).
+    """
+
+    q_idx_S_Lq: torch.Tensor
+    kv_idx_S_Lk: torch.Tensor
+    mask_S_1_Lq_Lk: torch.Tensor  # bool: the keys each query attends to
+    valid_SLq: torch.Tensor  # bool [S·Lq]: the queries that are tokens (not padding)
+    calls: int = 0  # attention layers that ran through :func:`_packed_attention`
+
+
+def _packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
+                      value: torch.Tensor, attention_mask: torch.Tensor | None,
+                      dropout: float = 0.0, scaling: float | None = None,
+                      taurl_segments: PackedSegments | None = None,
+                      **kwargs: object) -> tuple[torch.Tensor, None]:
+    """transformers attention function for a packed sequence ([1, heads, N, d]): each
+    segment's queries attend to its own keys (causally) and its prefix's, gathered into a
+    padded [S, heads, Lq, Lk] SDPA call and scattered back: the attention of the rows run
+    apart, while every other layer runs on the N packed tokens."""
+    seg = taurl_segments
+    if seg is None:
+        raise RuntimeError("taurl's packed attention ran without its segments")
+    seg.calls += 1
+    (S, Lq), Lk = seg.q_idx_S_Lq.shape, seg.kv_idx_S_Lk.shape[1]
+    H, N, d = query.shape[1:]
+    Hkv = key.shape[1]
+    q = query[0].index_select(1, seg.q_idx_S_Lq.reshape(-1)).view(H, S, Lq, d).transpose(0, 1)
+    k = key[0].index_select(1, seg.kv_idx_S_Lk.reshape(-1)).view(Hkv, S, Lk, d).transpose(0, 1)
+    v = value[0].index_select(1, seg.kv_idx_S_Lk.reshape(-1)).view(Hkv, S, Lk, d).transpose(0, 1)
+    if Hkv != H:  # grouped-query attention: each key head serves H / Hkv query heads
+        k, v = k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=seg.mask_S_1_Lq_Lk,
+                                       dropout_p=dropout, scale=scaling)
+    o = o.transpose(1, 2).reshape(S * Lq, H, d)[seg.valid_SLq]
+    out = o.new_zeros(N, H, d).index_copy(0, seg.q_idx_S_Lq.reshape(-1)[seg.valid_SLq], o)
+    return out[None], None
+
+
+@functools.cache
+def _packed_attention_name() -> str:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(_PACKED_ATTENTION, _packed_attention)
+    return _PACKED_ATTENTION
+
+
+@contextlib.contextmanager
+def _attention(config: object, name: str) -> Iterator[None]:
+    old = config._attn_implementation  # type: ignore[attr-defined]
+    config._attn_implementation = name  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        config._attn_implementation = old  # type: ignore[attr-defined]
+
+
+def can_pack(backbone: nn.Module, width: int) -> bool:
+    """Rows of ``backbone`` can run packed: a decoder of :data:`PACKABLE_MODEL_TYPES`, no
+    sliding window shorter than the rows, and no activation checkpointing (whose recompute
+    runs outside the packed call and would not see its attention)."""
+    config = getattr(backbone, "config", None)
+    if getattr(config, "model_type", None) not in PACKABLE_MODEL_TYPES or _checkpointed(backbone):
+        return False
+    window = getattr(config, "sliding_window", None)
+    return not (window and getattr(config, "use_sliding_window", True) and window < width)
+
+
+def _packed_hidden(backbone: nn.Module, input_ids_B_T: torch.Tensor, lengths: list[int],
+                   start: int, row_prefix: list[int]) -> torch.Tensor | None:
+    """[B, T, D] from one packed decoder call: each distinct prefix (the rows' first
+    ``start`` tokens; ``row_prefix[b]`` names row b's) once, then each row's tokens
+    ``start .. lengths[b] − 1``, end to end at their own positions; the rows' prefix
+    positions read their prefix's run; 0 past a row's length. None when the decoder did
+    not run :func:`_packed_attention` (its layers read another config)."""
+    B, T = input_ids_B_T.shape
+    device = input_ids_B_T.device
+    prefixes = list(dict.fromkeys(row_prefix)) if start else []
+    first_row = {p: row_prefix.index(p) for p in prefixes}
+    src_row = [first_row[p] for p in prefixes for _ in range(start)]
+    src_col = [t for _ in prefixes for t in range(start)]
+    q_first = [i * start for i in range(len(prefixes))]
+    q_len = [start] * len(prefixes)
+    kv_first, kv_len = [0] * len(prefixes), [0] * len(prefixes)  # a prefix has none before it
+    for b in range(B):
+        q_first.append(len(src_row))
+        q_len.append(lengths[b] - start)
+        kv_first.append(prefixes.index(row_prefix[b]) * start if start else 0)
+        kv_len.append(start)
+        src_row += [b] * (lengths[b] - start)
+        src_col += range(start, lengths[b])
+    rows, cols = torch.tensor(src_row), torch.tensor(src_col)
+    q_first_S, q_len_S = torch.tensor(q_first), torch.tensor(q_len)
+    p_first_S, p_len_S = torch.tensor(kv_first), torch.tensor(kv_len)
+    Lq, Lk = int(q_len_S.max()), int((q_len_S + p_len_S).max())
+    i = torch.arange(Lq)
+    valid = i[None] < q_len_S[:, None]  # [S, Lq]
+    j = torch.arange(Lk)[None]
+    in_prefix = j < p_len_S[:, None]  # [S, Lk]
+    own = j - p_len_S[:, None]  # a key's index among the segment's own tokens
+    key_ok = in_prefix | ((own >= 0) & (own < q_len_S[:, None]))
+    kv_idx = torch.where(in_prefix, p_first_S[:, None] + j, q_first_S[:, None] + own)
+    mask = key_ok[:, None] & (in_prefix[:, None] | (own[:, None] <= i[None, :, None]))
+    mask &= valid[:, :, None]
+    mask[:, :, 0] |= ~valid  # a padding query sees one key (no empty softmax); it is dropped
+    segments = PackedSegments(
+        torch.where(valid, q_first_S[:, None] + i, 0).to(device),
+        torch.where(key_ok, kv_idx, 0).to(device), mask[:, None].to(device),
+        valid.reshape(-1).to(device))
+    with _attention(backbone.config, _packed_attention_name()):
+        hidden = backbone(input_ids=input_ids_B_T[rows.to(device), cols.to(device)][None],
+                          position_ids=cols[None].to(device), use_cache=False,
+                          taurl_segments=segments).last_hidden_state[0]
+    if segments.calls == 0:
+        return None
+    n_prefix = len(prefixes) * start
+    dest = [(rows * T + cols)[n_prefix:]]  # the rows' own tokens
+    src = [torch.arange(n_prefix, rows.shape[0])]
+    if start:  # row b's first positions: its prefix's run
+        dest.append((torch.arange(B)[:, None] * T + torch.arange(start)).reshape(-1))
+        src.append((p_first_S[len(prefixes):, None] + torch.arange(start)).reshape(-1))
+    out = hidden.new_zeros(B * T, hidden.shape[-1])
+    out = out.index_copy(0, torch.cat(dest).to(device),
+                         hidden.index_select(0, torch.cat(src).to(device)))
+    return out.view(B, T, -1)
+
+
 def decoder_hidden(backbone: nn.Module, input_ids_B_T: torch.Tensor,
                    mask_B_T: torch.Tensor, share_prefix: bool = True,
                    buckets: bool = True) -> torch.Tensor:
     """[B, T, D] last hidden states at the positions that score a sampled token.
 
-    Two savings, each exact up to float rounding: with shared prefixes
-    (:func:`shared_prefixes`, ``share_prefix``) the decoder runs the K distinct
-    prefixes, copies their KV cache to the B rows and runs only the rows' suffixes
-    against it (K·C + B·(T − C) tokens instead of B·T; through the cache, the same
-    gradients); with ``buckets`` rows of very different lengths run in length buckets
-    (:func:`length_buckets`), each padded only to its own longest row, and no row past
-    its last sampled token. Hidden states past a row's last sampled token are 0.
+    Savings, each exact up to float rounding: with shared prefixes
+    (:func:`shared_prefixes`, ``share_prefix``) the decoder runs the K distinct prefixes
+    once, not once per row (K·C + B·(T − C) tokens instead of B·T; the same gradients);
+    with ``buckets`` no row runs past its last sampled token. Where the device packs
+    (:data:`PACK_ROWS`) and the decoder can (:func:`can_pack`), the prefixes and rows run
+    as one sequence, end to end, nothing padded (:func:`_packed_hidden`); otherwise the
+    prefixes' KV cache is copied to the rows, which run their suffixes against it in
+    length buckets (:func:`length_buckets`), each padded only to its own longest row.
+    ``buckets`` False (a value head reads every position): rows run whole, padded.
+    Hidden states past a row's last sampled token are 0.
     """
     B, T = input_ids_B_T.shape
     lengths = scored_lengths(mask_B_T) if buckets else [T] * B
     call_tokens = BUCKET_CALL_TOKENS.get(input_ids_B_T.device.type, 4096)
+    shared = shared_prefixes(input_ids_B_T, mask_B_T) if share_prefix else None
+    if buckets and PACK_ROWS.get(input_ids_B_T.device.type) and can_pack(backbone, T):
+        start = shared[0].shape[1] if shared is not None else 0
+        row_prefix = shared[1].tolist() if shared is not None else list(range(B))
+        packed = _packed_hidden(backbone, input_ids_B_T, lengths, start, row_prefix)
+        if packed is not None:
+            return packed
 
     def whole(rows: list[int], L: int) -> torch.Tensor:
         ids = input_ids_B_T if len(rows) == B and L == T else input_ids_B_T[rows, :L]
         return backbone(input_ids=ids, use_cache=False).last_hidden_state
 
-    shared = shared_prefixes(input_ids_B_T, mask_B_T) if share_prefix else None
     if shared is None or not _can_share_prefix(backbone, T):
         return _run_buckets(whole, lengths, 0, T, call_tokens)
     prefixes_K_C, row_prefix_B = shared

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 from pathlib import Path
@@ -170,6 +171,7 @@ def test_length_buckets_give_the_plain_forward_with_gradients(model, share, monk
     ids, mask = grouped_rows(prompts=2, samples=4, seed=5)
     w = torch.randn(ids.shape, generator=torch.Generator().manual_seed(6))
     results = {}
+    monkeypatch.setitem(forward.PACK_ROWS, "cpu", False)  # as on a GPU: no packing
     for call_tokens in (10**9, 0):  # one call (the plain forward), then a call per length
         monkeypatch.setitem(forward.BUCKET_CALL_TOKENS, "cpu", call_tokens)
         out, grads, seen = forward_and_grads(
@@ -186,6 +188,53 @@ def test_length_buckets_give_the_plain_forward_with_gradients(model, share, monk
     torch.testing.assert_close(split.entropy_B_T, whole.entropy_B_T, atol=1e-4, rtol=0)
     for n, g in whole_grads.items():
         torch.testing.assert_close(split_grads[n], g, atol=1e-4, rtol=1e-4, msg=n)
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_packed_rows_give_the_plain_forward_with_gradients(model, share, monkeypatch) -> None:
+    """Prompts and rows packed end to end in one sequence (every layer on the real tokens,
+    attention per row and its prompt): the same log-probs, entropies and gradients as
+    every row whole and padded, from one decoder call over only the real tokens."""
+    assert model.config.model_type in forward.PACKABLE_MODEL_TYPES
+    ids, mask = grouped_rows(prompts=2, samples=4, seed=5)
+    w = torch.randn(ids.shape, generator=torch.Generator().manual_seed(6))
+    results = {}
+    for pack in (False, True):
+        monkeypatch.setitem(forward.PACK_ROWS, "cpu", pack)
+        monkeypatch.setitem(forward.BUCKET_CALL_TOKENS, "cpu", 10**9)  # unpacked: one padded call
+        results[pack] = forward_and_grads(
+            model, ids, mask, lambda o: (o.logp_B_T + o.entropy_B_T) * w,
+            entropy_grad=True, share_prefix=share)
+    (whole, whole_grads, whole_seen), (packed, packed_grads, packed_seen) = (
+        results[False], results[True])
+    C = 7 if share else 0
+    assert packed_seen == [2 * C + sum(n - C for n in scored_lengths(mask))]
+    assert packed_seen[0] < sum(whole_seen)
+    torch.testing.assert_close(packed.logp_B_T, whole.logp_B_T, atol=1e-5, rtol=0)
+    torch.testing.assert_close(packed.entropy_B_T, whole.entropy_B_T, atol=1e-4, rtol=0)
+    for n, g in whole_grads.items():
+        torch.testing.assert_close(packed_grads[n], g, atol=1e-4, rtol=1e-4, msg=n)
+    assert model.config._attn_implementation == "sdpa"  # given back after the packed call
+
+
+def test_packing_falls_back_where_the_decoder_does_not_run_its_attention(model,
+                                                                          monkeypatch) -> None:
+    """A model type not known to take the packed attention runs unpacked; one whose layers
+    never call it (they read another config) is caught after the call, and runs unpacked."""
+    ids, mask = grouped_rows(prompts=2, samples=2, seed=1)
+    monkeypatch.setitem(forward.BUCKET_CALL_TOKENS, "cpu", 10**9)
+    _, _, seen = forward_and_grads(model, ids, mask, lambda o: o.logp_B_T)
+    assert len(seen) == 1  # packed
+    monkeypatch.setattr(forward, "PACKABLE_MODEL_TYPES", frozenset())
+    _, _, seen = forward_and_grads(model, ids, mask, lambda o: o.logp_B_T)
+    assert len(seen) == 2  # the prompts, then the rows' suffixes in one padded call
+    monkeypatch.setattr(forward, "PACKABLE_MODEL_TYPES", frozenset({model.config.model_type}))
+    monkeypatch.setattr(forward, "_attention", lambda config, name: contextlib.nullcontext())
+    out, _, seen = forward_and_grads(model, ids, mask, lambda o: o.logp_B_T)
+    assert len(seen) == 3  # a packed call whose attention was not ours, dropped; then unpacked
+    monkeypatch.setitem(forward.PACK_ROWS, "cpu", False)
+    plain, _, _ = forward_and_grads(model, ids, mask, lambda o: o.logp_B_T)
+    torch.testing.assert_close(out.logp_B_T, plain.logp_B_T)
 
 
 def test_shared_prefix_runs_under_activation_checkpointing(tiny_model: Path) -> None:
