@@ -175,6 +175,10 @@ class CheckpointSchedule:
         return seconds
 
 
+#: The policy folder's weights, as a learner checkpoint (``<iter>/learner``) names them.
+POLICY_WEIGHTS = "../policy/model.safetensors"
+
+
 @dataclass
 class CheckpointSnapshot:
     """One iteration's checkpoint in memory (copies): what :meth:`RunDir.write_checkpoint` writes."""
@@ -196,8 +200,13 @@ def snapshot_checkpoint(iteration: int, learner: Learner, model_path: Path,
     """
     from taurl.learners import checkpoint
     from taurl.learners import distributed as D
+    from taurl.learners.model import export_state_dict
 
-    snap = checkpoint.snapshot(learner, copy)
+    # Without LoRA or a value head the float32 policy *is* the trained weights: written
+    # once, in the policy folder, which the learner's checkpoint then reads (a test resumes)
+    once = learner.parallel != "fsdp2" and checkpoint.policy_is_all_weights(
+        learner, export_state_dict(learner.model, torch.float32, copy=False))
+    snap = checkpoint.snapshot(learner, copy, weights_from=POLICY_WEIGHTS if once else None)
     D.barrier()
     # float32, and said so in config.json: RL updates at small learning rates are often
     # below bf16's resolution, so a bf16 export can round the learned change away.

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from taurl.config import load_config
 from taurl.envs.base import Task, TextEnv, Turn, user
 from taurl.errors import ConfigError, TaurlError
+from taurl.learners.checkpoint import saved_weights
 from taurl.trainer import RunDir, TrainConfig, load_run_config, train_async
 from taurl.types import Trajectory
 
@@ -71,9 +72,11 @@ def tiny_config(tmp_path: Path, algorithm: str, **over: str) -> TrainConfig:
 
 
 def _weights(run_dir: Path, file: str = "policy/model.safetensors") -> dict[str, np.ndarray]:
+    """The latest checkpoint's ``file``, or with ``file="learner"`` the learner's weights."""
     ckpt = RunDir(run_dir).latest_checkpoint()
     assert ckpt is not None
-    return {k: v.float().numpy() for k, v in load_file(ckpt / file).items()}
+    state = saved_weights(ckpt / file) if file == "learner" else load_file(ckpt / file)
+    return {k: v.float().numpy() for k, v in state.items()}
 
 
 @pytest.mark.parametrize("algorithm", ["reinforce", "ppo", "grpo", "grpo_opd"])
@@ -94,6 +97,12 @@ def test_two_iterations_per_preset_change_the_policy(
     changed = [k for k, v in before.items() if k in after and not np.allclose(v.float().numpy(), after[k])]
     assert len(after) == len(before) and changed, "no parameter changed after two updates"
     assert (run / "samples.md").read_text().count("### ") == 4
+    # the learner's weights are the policy's, written once, unless a value head adds its own
+    ckpt = RunDir(run).latest_checkpoint()
+    assert (ckpt / "learner" / "model.safetensors").exists() == (algorithm == "ppo")
+    saved = saved_weights(ckpt / "learner")  # tied tensors once, under one of their names
+    assert len(saved) > len(after) if algorithm == "ppo" else saved.keys() == {
+        f"policy.{k}" for k in after}
 
 
 def test_held_out_evaluation_samples_greedily_on_the_live_engine(
@@ -131,7 +140,7 @@ def test_resume_continues_like_an_uninterrupted_run(
     for ra, rb in zip(a, b, strict=True):
         assert ra["rollout/return"] == pytest.approx(rb["rollout/return"], abs=1e-9)
         assert ra["traj/policy_loss"] == pytest.approx(rb["traj/policy_loss"], rel=1e-3, abs=1e-6)
-    exact = "learner/model.safetensors"  # float32 master weights
+    exact = "learner"  # float32 master weights
     wa, wb = _weights(Path(full.run_dir), exact), _weights(Path(part.run_dir), exact)
     assert max(float(np.abs(wa[k] - wb[k]).max()) for k in wa) < 1e-5
 
@@ -297,10 +306,12 @@ def test_background_checkpoint_writes_the_snapshot_and_reports_its_error(
     ckpt = run.latest_checkpoint()
     assert ckpt is not None and ckpt.name == "iter-000000" and len(costs) == 1
     assert writer.last_write_s is not None and costs[0] >= writer.last_write_s > 0
-    saved = load_file(ckpt / "learner" / "model.safetensors")
+    saved = saved_weights(ckpt / "learner")
     assert saved and all(torch.equal(v, weights[k]) for k, v in saved.items())
     policy = load_file(ckpt / "policy" / "model.safetensors")
-    assert any(torch.equal(v, weights[f"policy.{k}"]) for k, v in policy.items())
+    assert all(torch.equal(v, weights[f"policy.{k}"]) for k, v in policy.items())
+    # without LoRA or a value head the weights are written once, in the policy folder
+    assert not (ckpt / "learner" / "model.safetensors").exists()
     restored = Learner(LearnerConfig(algorithm="grpo", lr=1e-3), tiny_model_path)
     restored.load(ckpt / "learner")
     for k, v in restored.trained_modules.state_dict().items():

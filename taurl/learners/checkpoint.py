@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from taurl.learners.learner import Learner
 
 STATE_FILE = "learner_state.json"
+POLICY_PREFIX = "policy."  # the policy's weights' names in the learner's state dict
 
 
 @dataclass
@@ -35,7 +36,7 @@ class Snapshot:
     metadata: dict[str, str]  # safetensors metadata: each tied name → the name kept
     optimizer: dict[str, object]  # torch.optim state-dict format
     rng: dict[str, object]
-    state: dict[str, object]  # learner_state.json
+    state: dict[str, object]  # learner_state.json (``weights_from``: the weights are elsewhere)
 
 
 def save(learner: Learner, directory: Path) -> None:
@@ -51,18 +52,23 @@ def save(learner: Learner, directory: Path) -> None:
     D.barrier()
 
 
-def snapshot(learner: Learner, copy: bool = True) -> Snapshot | None:
+def snapshot(learner: Learner, copy: bool = True, weights_from: str | None = None) -> Snapshot | None:
     """What :func:`write` saves (every rank calls it; None off rank 0).
 
     ``copy``: copies of the tensors, which cost memory (the trained weights and the
     optimizer state once more) and a memory copy's time, and let :func:`write` run in a
     background thread while training goes on; without, the learner's own tensors.
+    ``weights_from``: the trained weights are not written but read back from that
+    safetensors file (relative to the checkpoint folder), which holds the policy's weights
+    under Hugging Face names — for a caller that writes them there and has checked that
+    they are all the trained weights (:func:`policy_is_all_weights`).
     """
     metadata: dict[str, str] = {}
     if learner.parallel == "fsdp2":
         weights, optimizer = _gather_fsdp_state(learner)  # already full copies, on rank 0
     else:
-        weights, metadata = _untied(learner.trained_modules.state_dict(), copy)
+        weights, metadata = ({}, {}) if weights_from else _untied(
+            learner.trained_modules.state_dict(), copy)
         optimizer = learner.optimizer.state_dict()
         optimizer = _copy_tensors(optimizer) if copy else optimizer
     if not D.is_main():
@@ -70,15 +76,49 @@ def snapshot(learner: Learner, copy: bool = True) -> Snapshot | None:
     rng = {"torch": torch.get_rng_state(), "shuffle": learner._shuffle.get_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    state = {"policy_version": learner.policy_version, "algorithm": learner.config.algorithm,
-             "options": dataclasses.asdict(learner.options)}
+    state: dict[str, object] = {
+        "policy_version": learner.policy_version, "algorithm": learner.config.algorithm,
+        "options": dataclasses.asdict(learner.options)}
+    if weights and weights_from:
+        raise ValueError("weights_from applies to a single process or DDP, not FSDP2")
+    if weights_from:
+        state["weights_from"] = {"file": weights_from, "prefix": POLICY_PREFIX}
     return Snapshot(weights, metadata, optimizer, rng, state)
+
+
+def policy_is_all_weights(learner: Learner, policy: dict[str, torch.Tensor]) -> bool:
+    """``policy`` (Hugging Face names, as ``export_state_dict(copy=False)`` gives them) holds
+    every trained weight itself, so a checkpoint can keep the weights once, in the policy's
+    file: each of the learner's tensors is one of ``policy``'s, under its name with the
+    ``policy.`` prefix or tied to it. Not so under LoRA (merged copies), with a value head
+    or critic (weights the policy lacks), in another dtype (converted copies) or FSDP2."""
+    if learner.parallel == "fsdp2":
+        return False
+    mine = learner.trained_modules.state_dict()
+    where = {(v.data_ptr(), v.dtype, tuple(v.shape)) for v in policy.values()}
+    return all(
+        isinstance(mine.get(POLICY_PREFIX + k), torch.Tensor)
+        and mine[POLICY_PREFIX + k].data_ptr() == v.data_ptr() for k, v in policy.items()
+    ) and all((v.data_ptr(), v.dtype, tuple(v.shape)) in where for v in mine.values())
+
+
+def saved_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint folder's trained weights under the learner's names (tied ones once),
+    wherever they were written (``model.safetensors``, or the policy's file)."""
+    d = Path(directory)
+    state = json.loads((d / STATE_FILE).read_text()) if (d / STATE_FILE).is_file() else {}
+    source = state.get("weights_from")
+    if not source:
+        return load_file(d / "model.safetensors")
+    return {source["prefix"] + k: v for k, v in load_file(d / source["file"]).items()}
 
 
 def write(snap: Snapshot, d: Path) -> None:
     """Write a :class:`Snapshot`'s files into ``d`` (from any thread)."""
     d.mkdir(parents=True, exist_ok=True)
-    save_file(snap.weights, str(d / "model.safetensors"), metadata={**snap.metadata, "format": "pt"})
+    if "weights_from" not in snap.state:
+        save_file(snap.weights, str(d / "model.safetensors"),
+                  metadata={**snap.metadata, "format": "pt"})
     torch.save(snap.optimizer, d / "optimizer.pt")
     torch.save(snap.rng, d / "rng.pt")
     (d / STATE_FILE).write_text(json.dumps(snap.state, indent=1))
@@ -123,7 +163,10 @@ def load(learner: Learner, directory: Path) -> None:
     state = json.loads((d / STATE_FILE).read_text())
     optimizer = torch.load(d / "optimizer.pt", map_location=learner.device, weights_only=True)
     if learner.parallel == "fsdp2":
-        _load_fsdp_state(learner, load_file(d / "model.safetensors"), optimizer)
+        _load_fsdp_state(learner, saved_weights(d), optimizer)
+    elif "weights_from" in state:  # the policy's file: each tied group once, under any name
+        learner.trained_modules.load_state_dict(_with_tied(learner, saved_weights(d)))
+        learner.optimizer.load_state_dict(optimizer)
     else:
         load_model(learner.trained_modules, str(d / "model.safetensors"), device=str(learner.device))
         learner.optimizer.load_state_dict(optimizer)
@@ -173,15 +216,9 @@ def _gather_fsdp_state(learner: Learner) -> tuple[dict[str, torch.Tensor], dict[
     return weights, optimizer
 
 
-def _load_fsdp_state(learner: Learner, weights: dict[str, torch.Tensor],
-                     optimizer: dict[str, object]) -> None:
-    """FSDP2, every rank: load full weights and optimizer state into this rank's shards."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
-
+def _with_tied(learner: Learner, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``weights`` (each tied group once, under any of its names) under every name of the
+    learner's state dict."""
     tied: dict[int, list[str]] = defaultdict(list)
     for k, v in learner.trained_modules.state_dict(keep_vars=True).items():
         tied[id(v)].append(k)
@@ -192,8 +229,20 @@ def _load_fsdp_state(learner: Learner, weights: dict[str, torch.Tensor],
             raise ConfigError(f"the checkpoint has no weights for {ks[0]}; was it saved by a "
                               "learner with the same algorithm and model?")
         full.update(dict.fromkeys(ks, weights[saved[0]]))
+    return full
+
+
+def _load_fsdp_state(learner: Learner, weights: dict[str, torch.Tensor],
+                     optimizer: dict[str, object]) -> None:
+    """FSDP2, every rank: load full weights and optimizer state into this rank's shards."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
     options = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(learner.trained_modules, full, options=options)
+    set_model_state_dict(learner.trained_modules, _with_tied(learner, weights), options=options)
     names = _param_names(learner)
     by_name = {
         "state": {names[i]: st for i, st in optimizer["state"].items()},

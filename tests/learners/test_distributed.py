@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from taurl.config import load_config
 from taurl.errors import ConfigError
 from taurl.learners import AlgorithmOptions, Learner, LearnerConfig, LoraConfig
+from taurl.learners.checkpoint import saved_weights
 from taurl.learners.distributed import shard_rows
 from taurl.trainer import RunDir, TrainConfig
 from taurl.types import Trajectory
@@ -241,14 +242,14 @@ def test_torchrun_resume_continues_like_the_uninterrupted_run(torchrun_run) -> N
     run_dir, proc = torchrun_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     checkpoints = run_dir / "checkpoints"
-    uninterrupted = load_file(checkpoints / "iter-000001" / "learner" / "model.safetensors")
+    uninterrupted = saved_weights(checkpoints / "iter-000001" / "learner")
     shutil.rmtree(checkpoints / "iter-000001")
     (checkpoints / "latest").write_text("iter-000000")
     resumed = torchrun_train("--resume", str(run_dir))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming {run_dir} at iteration 1" in resumed.stdout
     assert [r["iteration"] for r in metric_rows(run_dir)] == [0, 1]
-    after = load_file(checkpoints / "iter-000001" / "learner" / "model.safetensors")
+    after = saved_weights(checkpoints / "iter-000001" / "learner")
     for k, v in uninterrupted.items():
         torch.testing.assert_close(after[k], v, atol=1e-5, rtol=1e-4, msg=k)
 
