@@ -134,7 +134,7 @@ def run_phase(phase: str, args: argparse.Namespace, queue) -> None:
     if phase in ("grpo-shared-whole", "grpo-shared-buckets"):  # the rows unpacked
         from taurl.learners import forward
 
-        forward.PACK_TOKENS[device_type(args.device)] = 0
+        forward.PACK_ROWS[device_type(args.device)] = False
         if phase == "grpo-shared-whole":  # every row padded to the longest, in one decoder call
             forward.BUCKET_CALL_TOKENS[device_type(args.device)] = 10**9
     tokens = sum(len(t.token_ids) for t in trajs)
