@@ -131,6 +131,36 @@ def test_lora_update_changes_merged_weights(tiny_model: Path, trajs) -> None:
     assert metrics["traj/kl_ref"] == pytest.approx(0.0, abs=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["plain", "lora", "value_head"])
+def test_run_checkpoint_keeps_the_weights_once_only_where_the_policy_is_all_of_them(
+        tiny_model: Path, trajs, tmp_path, kind: str) -> None:
+    """A run's checkpoint writes the learner's weights only where the float32 policy is not
+    all of them (LoRA adapters, a value head); either way the learner restores exactly."""
+    from taurl.learners.checkpoint import policy_is_all_weights, saved_weights
+    from taurl.learners.model import export_state_dict
+    from taurl.run_dir import RunDir, snapshot_checkpoint
+
+    if kind == "lora":
+        pytest.importorskip("peft")
+    cfg = LearnerConfig(algorithm="ppo" if kind == "value_head" else "grpo", lr=1e-2,
+                        device="cpu", options=AlgorithmOptions(epochs=1, minibatches=1),
+                        lora=LoraConfig(rank=4 if kind == "lora" else 0))
+    learner = Learner(cfg, tiny_model)
+    learner.update(trajs)
+    view = export_state_dict(learner.model, torch.float32, copy=False)
+    assert policy_is_all_weights(learner, view) == (kind == "plain")
+    run = RunDir(tmp_path / "run")
+    run.checkpoints.mkdir(parents=True)
+    ckpt = run.write_checkpoint(snapshot_checkpoint(0, learner, tiny_model), keep=1)
+    assert (ckpt / "learner" / "model.safetensors").exists() == (kind != "plain")
+    assert saved_weights(ckpt / "learner").keys() <= learner.trained_modules.state_dict().keys()
+    restored = Learner(cfg, tiny_model)
+    restored.load(ckpt / "learner")
+    for k, v in learner.trained_modules.state_dict().items():
+        torch.testing.assert_close(restored.trained_modules.state_dict()[k], v, atol=0, rtol=0,
+                                   msg=k)
+
+
 def test_privileged_teacher_scores_the_students_exact_tokens(tiny_model: Path, trajs) -> None:
     learner = Learner(LearnerConfig(algorithm="grpo_opd", device="cpu", dtype="float32"),
                       tiny_model)
