@@ -9,10 +9,12 @@ update in one process (the machine's drift between processes is larger than the 
 after one warm-up update each, and prints the median and min of each and their ratio.
 
     python benchmarks/packing.py                    # the peer benchmark's shapes, SmolLM2 float32
+    python benchmarks/packing.py --single-turn          # one answer of 1-64 tokens per row, as the peer work
     python benchmarks/packing.py --seq-len 384 --prompt-len 192 --group-size 4 --reps 4
 
 The trajectories are ``benchmarks/learner.py``'s (``--ragged``: answers cut at random lengths;
-two turns with a 16-token observation between them).
+two turns with a 16-token observation between them), or with ``--single-turn`` one answer per
+row after the group's prompt.
 """
 
 from __future__ import annotations
@@ -29,6 +31,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 sys.path.insert(1, str(Path(__file__).resolve().parent))
 
 
+def single_turn(batch: int, seq_len: int, group_size: int, prompt_len: int, seed: int = 0):
+    """``batch`` one-turn trajectories: a ``prompt_len`` prompt shared within each group, then
+    an answer of 1 to ``seq_len - prompt_len`` sampled tokens (random ids and lengths)."""
+    import random
+
+    from taurl.types import Trajectory
+
+    rng = random.Random(seed)
+    out, prompts = [], {}
+    for i in range(batch):
+        prompt = prompts.setdefault(i // group_size,
+                                    [rng.randrange(100, 40000) for _ in range(prompt_len)])
+        n = rng.randint(1, seq_len - prompt_len)
+        reward = float(i % 2)
+        out.append(Trajectory(
+            token_ids=prompt + [rng.randrange(100, 40000) for _ in range(n)],
+            loss_mask=[0] * prompt_len + [1] * n, logprobs=[0.0] * prompt_len + [-1.0] * n,
+            turn_ids=[-1] * prompt_len + [0] * n, rewards=[reward], episode_return=reward,
+            termination="terminated", group_id=f"g{i // group_size}"))
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
@@ -38,6 +62,9 @@ def main() -> None:
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--dtype", default="float32", choices=["auto", "bf16", "float32"])
     p.add_argument("--reps", type=int, default=6, help="measured updates each way")
+    p.add_argument("--single-turn", action="store_true",
+                   help="one sampled answer per row, 1 to seq-len - prompt-len tokens (the peer "
+                        "work's shape) instead of benchmarks/learner.py's two turns")
     args = p.parse_args()
 
     from learner import make_trajectories
@@ -50,8 +77,11 @@ def main() -> None:
                       resolve_model(args.model))
     if learner.device.type != "cpu":
         raise SystemExit("packing is the CPU's default; this benchmark runs on the CPU")
-    trajs = make_trajectories(args.batch, args.seq_len, args.group_size,
-                              prompt_len=args.prompt_len, shared_prompt=True, ragged=True)
+    if args.single_turn:
+        trajs = single_turn(args.batch, args.seq_len, args.group_size, args.prompt_len)
+    else:
+        trajs = make_trajectories(args.batch, args.seq_len, args.group_size,
+                                  prompt_len=args.prompt_len, shared_prompt=True, ragged=True)
     times: dict[str, list[float]] = {"packed": [], "unpacked": []}
     for rep in range(args.reps + 1):  # the first round warms both up
         for name, seconds in times.items():
