@@ -217,6 +217,31 @@ def test_packed_rows_give_the_plain_forward_with_gradients(model, share, monkeyp
     assert model.config._attn_implementation == "sdpa"  # given back after the packed call
 
 
+@pytest.mark.parametrize("model_type", sorted(forward.PACKABLE_MODEL_TYPES))
+def test_packing_is_exact_for_every_decoder_it_is_on_for(model_type, monkeypatch) -> None:
+    """Each decoder type packing is on for, built small from its config (grouped-query
+    attention, its own norms and biases): packed log-probs and gradients equal the padded
+    forward's."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(
+        model_type, vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+        attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    ids, mask = grouped_rows(prompts=2, samples=3, seed=8)
+    results = {}
+    for pack in (False, True):
+        monkeypatch.setitem(forward.PACK_ROWS, "cpu", pack)
+        results[pack] = forward_and_grads(model, ids, mask, lambda o: o.logp_B_T * (1 + mask))
+    (plain, plain_grads, _), (packed, packed_grads, seen) = results[False], results[True]
+    assert len(seen) == 1
+    torch.testing.assert_close(packed.logp_B_T, plain.logp_B_T, atol=1e-5, rtol=0)
+    for n, g in plain_grads.items():
+        torch.testing.assert_close(packed_grads[n], g, atol=1e-4, rtol=1e-4, msg=n)
+
+
 def test_packing_falls_back_where_the_decoder_does_not_run_its_attention(model,
                                                                           monkeypatch) -> None:
     """A model type not known to take the packed attention runs unpacked; one whose layers
