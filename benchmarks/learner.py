@@ -12,8 +12,9 @@ samples have (otherwise every row's tokens are random and nothing is shared). Wi
 ``--ragged`` the rows' last turns end at random lengths, as sampled answers do, and two more
 phases run them unpacked: ``grpo-shared-buckets`` in length buckets
 (``taurl.learners.forward.length_buckets``, the default on a GPU), ``grpo-shared-whole``
-padded to the longest row in one decoder call (on a CPU the default update packs short rows
-end to end, ``taurl.learners.forward.packs``, where the unpacked calls would be small).
+padded to the longest row in one decoder call (on a CPU the default update packs the rows end
+to end in one call, ``taurl.learners.forward.PACK_ROWS``; ``benchmarks/packing.py`` compares
+packed and unpacked updates within one process, where this machine's drift is smaller).
 With ``--unmapped-memory`` a last phase, ``grpo-shared-unmapped``, is the default update with
 ``learner.cpu_keep_freed_memory`` off: glibc's default, which unmaps large freed blocks, so
 every update page-faults its tensors in again (each phase reports minor page faults and
