@@ -200,12 +200,10 @@ def snapshot_checkpoint(iteration: int, learner: Learner, model_path: Path,
     """
     from taurl.learners import checkpoint
     from taurl.learners import distributed as D
-    from taurl.learners.model import export_state_dict
 
     # Without LoRA or a value head the float32 policy *is* the trained weights: written
     # once, in the policy folder, which the learner's checkpoint then reads (a test resumes)
-    once = learner.parallel != "fsdp2" and checkpoint.policy_is_all_weights(
-        learner, export_state_dict(learner.model, torch.float32, copy=False))
+    once = checkpoint.policy_is_all_weights(learner)
     snap = checkpoint.snapshot(learner, copy, weights_from=POLICY_WEIGHTS if once else None)
     D.barrier()
     # float32, and said so in config.json: RL updates at small learning rates are often

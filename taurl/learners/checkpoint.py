@@ -86,14 +86,17 @@ def snapshot(learner: Learner, copy: bool = True, weights_from: str | None = Non
     return Snapshot(weights, metadata, optimizer, rng, state)
 
 
-def policy_is_all_weights(learner: Learner, policy: dict[str, torch.Tensor]) -> bool:
-    """``policy`` (Hugging Face names, as ``export_state_dict(copy=False)`` gives them) holds
+def policy_is_all_weights(learner: Learner) -> bool:
+    """The learner's float32 policy export (Hugging Face names, ``export_state_dict``) holds
     every trained weight itself, so a checkpoint can keep the weights once, in the policy's
-    file: each of the learner's tensors is one of ``policy``'s, under its name with the
+    file: each of the learner's tensors is one of the export's, under its name with the
     ``policy.`` prefix or tied to it. Not so under LoRA (merged copies), with a value head
-    or critic (weights the policy lacks), in another dtype (converted copies) or FSDP2."""
+    or critic (weights the policy lacks) or FSDP2 (shards; not exported here)."""
     if learner.parallel == "fsdp2":
         return False
+    from taurl.learners.model import export_state_dict
+
+    policy = export_state_dict(learner.model, torch.float32, copy=False)
     mine = learner.trained_modules.state_dict()
     where = {(v.data_ptr(), v.dtype, tuple(v.shape)) for v in policy.values()}
     return all(
