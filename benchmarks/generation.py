@@ -3,6 +3,7 @@
     python benchmarks/generation.py                          # smollm2-135m bf16, batch 64
     python benchmarks/generation.py --dtype float32 --batch 64 --max-tokens 64
     python benchmarks/generation.py --backends vllm --cpu-threads 2 --json out.json
+    python benchmarks/generation.py --backends vllm --batch 16 --compile   # torch.compile'd engine
 
 For each backend: the start time, the first request's latency (cold), a single
 request's tokens/s once warm, and tokens/s with ``--batch`` requests in flight
@@ -112,6 +113,11 @@ def main() -> None:
         default=None,
         help="torch threads for the HF backend (default: torch's)",
     )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="vLLM: torch.compile the model (enforce_eager=False; on CPU the default is eager)",
+    )
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
 
@@ -124,6 +130,8 @@ def main() -> None:
         if kind == "vllm":
             options["cpu_threads"] = args.cpu_threads
             options["warmup"] = not args.no_warmup
+            if args.compile:
+                options["enforce_eager"] = False
         if kind == "hf":
             options["max_batch_size"] = args.batch
             options["num_threads"] = args.hf_threads
