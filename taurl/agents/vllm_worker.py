@@ -11,9 +11,9 @@ the next token with the base model's head. Measured with the tiny model (vllm-cp
 embedding, 3e-2 after it; in a GRPO run it grew with every iteration.
 
 :class:`TaurlWorkerExtension` is passed to vLLM as ``worker_extension_cls``; its
-:meth:`~TaurlWorkerExtension.taurl_reload_weights` reloads and then rebuilds the
-kernel of every vocabulary layer from its current weight (on GPU there is none to
-rebuild, and the call is ``reload_weights``). vLLM is imported only inside the
+:meth:`~TaurlWorkerExtension.taurl_reload_weights` reloads and then rebuilds the LM
+head's kernel from its current weight (on GPU there is none to rebuild, and the call is
+``reload_weights``); the input embedding's kernel, which no lookup uses, is not built at all. vLLM is imported only inside the
 worker's call, so the backends can import this module's names for free.
 
 New weights reach the workers in memory: the trainer writes the state dict once into a
@@ -51,7 +51,7 @@ class TaurlWorkerExtension:
     """Mixed into vLLM's worker class by vLLM (``worker_extension_cls``)."""
 
     def taurl_reload_weights(self, weights_path: str) -> int:
-        """``reload_weights(weights_path=…)``, then rebuild the vocabulary layers' CPU kernels.
+        """``reload_weights(weights_path=…)``, then rebuild the LM head's CPU kernel.
 
         Returns the number of layers whose kernel was rebuilt (0 on GPU).
         """
@@ -62,7 +62,7 @@ class TaurlWorkerExtension:
 
     def taurl_load_shared_weights(self, path: str, nbytes: int, layout: Layout) -> int:
         """Reload from the :class:`SharedWeights` file ``path`` (views, no copy until the
-        parameters), then rebuild the vocabulary layers' CPU kernels."""
+        parameters), then rebuild the LM head's CPU kernel."""
         with open(path, "rb") as f:
             # a private (copy-on-write) mapping of the same pages: reading copies nothing
             mm = mmap.mmap(f.fileno(), nbytes, access=mmap.ACCESS_COPY)
@@ -168,17 +168,23 @@ def _lm_head(model: object) -> object | None:
 def no_input_embedding_kernels(model: object) -> Iterator[None]:
     """While reloading, skip building a CPU matmul kernel for input embeddings.
 
-    vLLM builds one for every vocabulary layer after loading its weight, but only the LM
-    head's is ever used (an embedding looks tokens up with ``F.embedding``): on SmolLM2
-    each build is a 49,152 x 576 oneDNN reorder of 0.05-0.17 s per sync. Nothing is
-    skipped for a model without an ``lm_head`` (one that may score with its embedding).
+    vLLM builds one for every unquantized vocabulary layer after loading its weight (the
+    only thing that method's processing does), but only the LM head's is ever used (an
+    embedding looks tokens up with ``F.embedding``): on SmolLM2 each build is a 49,152 x
+    576 oneDNN reorder of 0.05-0.17 s per sync. Nothing is skipped for a model without an
+    ``lm_head`` (one that may score with its embedding), nor for a quantized embedding
+    (whose processing may prepare the lookup itself).
     """
-    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+    from vllm.model_executor.layers.vocab_parallel_embedding import (
+        UnquantizedEmbeddingMethod,
+        VocabParallelEmbedding,
+    )
 
     head = _lm_head(model)
     skipped = [] if head is None else [
         m.quant_method for m in model.modules()  # type: ignore[attr-defined]
         if isinstance(m, VocabParallelEmbedding) and m is not head
+        and type(m.quant_method) is UnquantizedEmbeddingMethod
         and m.quant_method is not head.quant_method  # type: ignore[attr-defined]
     ]
     for method in skipped:
