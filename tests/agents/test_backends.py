@@ -351,3 +351,28 @@ def test_vllm_worker_is_bound_to_every_core_by_default(vllm_tiny: VLLMBackend) -
 
     # the engine's child processes read it at start; the fixture's engine set it
     assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == worker_cpus(None)
+
+
+@pytest.mark.vllm
+def test_vllm_worker_stops_polling_soon_after_a_rollout(vllm_tiny: VLLMBackend) -> None:
+    """An idle worker must leave the cores to the learner: vLLM's workers busy-poll for 1 s
+    after each message (about a core-second spent after every rollout); ours 0.1 s."""
+    import time
+
+    import psutil
+
+    assert vllm_tiny.idle_readers >= 1  # the fixture's engine runs on the CPU
+    # this engine's workers: children of our direct child, its engine core (a server
+    # replica's engine core is a grandchild)
+    workers = [w for core in psutil.Process().children() if core.name() == "VLLM::EngineCore"
+               for w in core.children()]
+    assert workers
+
+    def cpu_seconds() -> float:
+        return sum(sum(w.cpu_times()[:2]) for w in workers)
+
+    gather(vllm_tiny, PROMPTS, SamplingParams(max_tokens=16, seed=0))  # a rollout
+    time.sleep(0.3)
+    before = cpu_seconds()
+    time.sleep(1.0)
+    assert cpu_seconds() - before < 0.3  # spinning until 1 s after the rollout: ~0.7 s
