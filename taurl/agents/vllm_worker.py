@@ -1,4 +1,4 @@
-"""Code that runs inside vLLM's worker processes: weight reloads that leave no stale kernel.
+"""Code inside vLLM's worker processes: weight reloads with no stale kernel, less idle polling.
 
 vLLM builds, for the LM head on CPU, a matmul kernel (oneDNN or a packed sgl kernel)
 from the head's weight when the model is first loaded. With tied embeddings
