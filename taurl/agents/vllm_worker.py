@@ -45,6 +45,8 @@ LOAD_SHARED_METHOD = "taurl_load_shared_weights"
 
 #: The ``collective_rpc`` method that shortens the workers' busy polling once idle.
 IDLE_METHOD = "taurl_poll_idle_after"
+#: On a CPU, seconds an idle vLLM worker keeps busy-polling for its next message (vLLM: 1).
+CPU_POLL_IDLE_AFTER_S = 0.1
 
 #: Where each tensor sits in a :class:`SharedWeights` file: (name, dtype, shape, byte offset).
 Layout = list[tuple[str, str, list[int], int]]

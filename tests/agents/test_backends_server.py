@@ -89,6 +89,34 @@ def test_server_weight_update_goes_through_the_rpc_endpoint(
     assert sample() == before
 
 
+def test_server_workers_stop_polling_soon_after_a_rollout(server: VLLMServerBackend) -> None:
+    """As the in-process engine's: a replica's idle worker leaves the cores to the learner
+    within 0.1 s (vLLM's own busy polling lasts 1 s after each message)."""
+    import time
+
+    import psutil
+
+    assert all(r.idle_readers >= 1 for r in server.replicas)  # the replicas run on the CPU
+    workers = [w for r in server.replicas if r.process is not None
+               for w in psutil.Process(r.process.pid).children(recursive=True)
+               if w.name() == "VLLM::Worker"]
+    assert len(workers) == len(server.replicas)
+
+    def cpu_seconds() -> float:
+        return sum(sum(w.cpu_times()[:2]) for w in workers)
+
+    async def rollout() -> None:
+        greedy = SamplingParams(max_tokens=16, temperature=0.0)
+        await asyncio.gather(*(server.generate(prompt(i), greedy, session_id=f"p{i}")
+                               for i in range(8)))
+
+    asyncio.run(rollout())
+    time.sleep(0.3)
+    before = cpu_seconds()
+    time.sleep(1.0)
+    assert cpu_seconds() - before < 0.3 * len(workers)  # vLLM's 1 s: ~0.7 s each
+
+
 def test_rollout_survives_a_killed_server_without_lost_or_duplicated_results(
     server: VLLMServerBackend, vllm_tiny: VLLMBackend
 ) -> None:
