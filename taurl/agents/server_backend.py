@@ -243,9 +243,7 @@ class VLLMServerBackend(LoopBackend):
                 if resp.status_code == 200:
                     r.healthy = True
                     if self._poll_idle_after is not None:
-                        answer = await self._post_json(r, "/collective_rpc", {
-                            "method": IDLE_METHOD, "kwargs": {"seconds": self._poll_idle_after}})
-                        r.idle_readers = sum(int(n) for n in answer.get("results", []))  # type: ignore[union-attr]
+                        await self._poll_idle_sooner(r, self._poll_idle_after)
                     return
             except httpx.HTTPError:
                 pass
@@ -254,6 +252,20 @@ class VLLMServerBackend(LoopBackend):
             f"vllm serve at {r.url} did not become healthy within {self.start_timeout:.0f} s"
             + (f"; see its log {r.log_path}" if r.log_path else "")
         )
+
+    async def _poll_idle_sooner(self, r: Replica, seconds: float) -> None:
+        """Tell a healthy replica's workers to stop busy-polling ``seconds`` after a message.
+
+        Only a speed-up: a server that cannot take it (an attached one without
+        ``VLLM_SERVER_DEV_MODE=1``, which weight updates need as well) keeps serving.
+        """
+        try:
+            answer = await self._post_json(r, "/collective_rpc", {
+                "method": IDLE_METHOD, "kwargs": {"seconds": seconds}})
+        except (ServerError, *RETRYABLE_ERRORS):
+            r.healthy = True  # it answered /health; a request that fails is retried as always
+            return
+        r.idle_readers = sum(int(n) for n in answer.get("results", []))  # type: ignore[union-attr]
 
     async def _supervise(self) -> None:
         """Restart started servers that died (when ``auto_restart``)."""
