@@ -46,6 +46,7 @@ from taurl.agents.backend import (
     SessionRouter,
     weights_checkpoint,
 )
+from taurl.agents.vllm_backend import CPU_BLOCK_SIZE
 from taurl.agents.vllm_worker import (
     CPU_POLL_IDLE_AFTER_S,
     IDLE_METHOD,
@@ -105,7 +106,9 @@ class VLLMServerBackend(LoopBackend):
         dtype, max_model_len, seed: the started servers' ``--dtype``,
             ``--max-model-len`` and ``--seed``. ``max_model_len`` also bounds prompts
             for attached servers.
-        serve_args: further ``vllm serve`` command-line arguments.
+        serve_args: further ``vllm serve`` command-line arguments (without a
+            ``--block-size``, started CPU servers get ``--block-size 32``, as
+            :class:`~taurl.agents.vllm_backend.VLLMBackend` does).
         enforce_eager: pass ``--enforce-eager`` (no torch.compile, which costs the
             server a minute at start on CPU); None = True without CUDA.
         cpu_kv_cache_gb: ``VLLM_CPU_KVCACHE_SPACE`` of started servers on a CPU machine.
@@ -182,6 +185,9 @@ class VLLMServerBackend(LoopBackend):
         if on_cpu:
             # seeded requests whose prompt is split kill vllm-cpu's engine: see vllm_backend
             self._serve_cmd.append("--no-enable-chunked-prefill")
+            if not any(a.split("=")[0] == "--block-size" for a in serve_args):
+                # short prompts share their KV prefix (vllm_backend's CPU_BLOCK_SIZE)
+                self._serve_cmd += ["--block-size", str(CPU_BLOCK_SIZE)]
         # the learner may share these cores: idle workers must not spin on one (vllm_backend)
         self._poll_idle_after = CPU_POLL_IDLE_AFTER_S if on_cpu and use_extension else None
         self._env = dict(os.environ, VLLM_SERVER_DEV_MODE="1")

@@ -376,3 +376,34 @@ def test_vllm_worker_stops_polling_soon_after_a_rollout(vllm_tiny: VLLMBackend) 
     before = cpu_seconds()
     time.sleep(1.0)
     assert cpu_seconds() - before < 0.3  # spinning until 1 s after the rollout: ~0.7 s
+
+
+@pytest.mark.vllm
+def test_vllm_cpu_engine_shares_a_short_prompt_among_a_group(vllm_tiny: VLLMBackend) -> None:
+    """A group's samples, sent together, prefill their common 44-token prompt once: the
+    prefix cache shares whole blocks, and vLLM's CPU default of 128 tokens shares none."""
+    from vllm import SamplingParams as VSamplingParams
+
+    from taurl.agents.vllm_backend import CPU_BLOCK_SIZE
+
+    prompt = [1, 9690, 198] + [300 + i for i in range(41)]  # 44 tokens
+
+    async def group() -> list[int | None]:
+        engine = vllm_tiny._require_engine()
+        await engine.reset_prefix_cache()
+
+        async def one(seed: int) -> int | None:
+            final = None
+            async for out in engine.generate({"prompt_token_ids": prompt},
+                                             VSamplingParams(max_tokens=2, seed=seed), f"group-{seed}"):
+                final = out
+            assert final is not None
+            return final.num_cached_tokens
+
+        return list(await asyncio.gather(*(one(s) for s in range(8))))
+
+    assert CPU_BLOCK_SIZE == 32
+    cached = vllm_tiny._loop.run_sync(group())
+    # the first request computes the blocks; the other seven, scheduled with it, reuse the
+    # full one (tokens 0-31; the last partial block is each request's own)
+    assert sorted(cached) == [0] + [32] * 7, cached

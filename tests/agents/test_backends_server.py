@@ -63,6 +63,15 @@ def test_server_matches_the_in_process_engine(
     assert all(f"s{i}" in server._router for i in range(6))
 
 
+def test_started_cpu_server_uses_the_small_kv_block(server: VLLMServerBackend) -> None:
+    """Started CPU replicas get VLLMBackend's block size, so a group shares a short prompt."""
+    from taurl.agents.vllm_backend import CPU_BLOCK_SIZE
+
+    assert server._log_dir is not None
+    log = (server._log_dir / "replica-0.log").read_text()
+    assert f"'block_size': {CPU_BLOCK_SIZE}" in log  # vLLM logs its non-default arguments
+
+
 def test_server_weight_update_goes_through_the_rpc_endpoint(
     server: VLLMServerBackend, tiny_model_path: Path
 ) -> None:

@@ -1,0 +1,119 @@
+"""Rollout time against the engine's KV-cache block size: which prompt prefixes vLLM shares.
+
+    python benchmarks/kv_blocks.py                           # block sizes 128 (vLLM's CPU default) and 32
+    python benchmarks/kv_blocks.py --blocks 128,32,16 --rounds 4 --json out.json
+
+vLLM's prefix cache shares whole blocks only: a request reuses the KV of another's prompt
+up to the last full block they have in common (blocks are cached when scheduled, so the
+requests of one group, sent together, share them within the same step). On CPU vLLM's
+default block is 128 tokens, so the peer benchmark's 44-token prompt shares nothing and its
+8 samples each prefill it in full; a multi-turn episode re-prefills up to 127 tokens of its
+own history every turn.
+
+One engine per block size, all started in this process (float32, the in-process
+``VLLMBackend``), and the same rollouts run on each in turn, round by round (idle engines
+stop polling within 0.1 s, so they leave the cores to the one at work):
+
+- **peer**: the peer benchmark's step (``benchmarks/peer_trl.py``): 2 prompts x 8 samples,
+  one turn of at most 64 tokens;
+- **default**: the default training config's rollout (``TrainConfig().rollout``: the
+  calculator tool environment, 8 tasks x 4 samples, multi-turn).
+
+Each round poses new tasks (as training iterations do) and every engine gets the same ones
+with the same sampling seeds; each starts from an empty prefix cache, as after a weight
+update. Prints each block size's median seconds per rollout, sampled and prompt tokens, and
+the ratio against the first block size given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import statistics
+import time
+
+from peer_trl import ENV_ID, GROUP_SIZE, MAX_NEW_TOKENS, NUM_PROMPTS, machine
+from transformers import AutoTokenizer
+
+from taurl.agents.loop import Agent, AgentConfig
+from taurl.agents.vllm_backend import VLLMBackend
+from taurl.models import resolve_model
+from taurl.rollout import RolloutConfig, run_rollout
+from taurl.trainer import TrainConfig
+from taurl.types import SamplingParams
+
+
+def works() -> dict[str, RolloutConfig]:
+    peer = RolloutConfig(
+        env_id=ENV_ID, num_tasks=NUM_PROMPTS, samples_per_task=GROUP_SIZE,
+        max_in_flight=NUM_PROMPTS * GROUP_SIZE, progress=False,
+        agent=AgentConfig(max_turns=1, sampling=SamplingParams(max_tokens=MAX_NEW_TOKENS, temperature=1.0)),
+    )
+    return {"peer": peer, "default": dataclasses.replace(TrainConfig().rollout, progress=False)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--blocks", default="128,32", help="block sizes, comma-separated; the first is the baseline")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--works", default="peer,default", help="which rollouts: peer, default")
+    parser.add_argument("--json", help="write the figures here")
+    args = parser.parse_args()
+    blocks = [int(b) for b in args.blocks.split(",")]
+    chosen = {k: v for k, v in works().items() if k in args.works.split(",")}
+    info = machine()
+    print(f"machine: {info['cpu']}, {info['cpus']} CPUs, AVX512-BF16 "
+          f"{'yes' if info['avx512_bf16'] else 'no'}; vllm {info['vllm']}, torch {info['torch']}; "
+          f"load average {info['load_avg_start'][0]:.2f}", flush=True)
+    model = resolve_model(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    engines = {}
+    for b in blocks:
+        t0 = time.perf_counter()
+        engines[b] = VLLMBackend(model, dtype="float32", engine_options={"block_size": b})
+        print(f"block {b}: engine up in {time.perf_counter() - t0:.0f} s", flush=True)
+    rows: dict[str, dict[int, list[dict]]] = {w: {b: [] for b in blocks} for w in chosen}
+
+    async def one(backend: VLLMBackend, cfg: RolloutConfig) -> dict:
+        await backend.reset_prefix_cache()
+        t0 = time.perf_counter()
+        result = await run_rollout(Agent(backend, tokenizer, cfg.agent), cfg)
+        seconds = time.perf_counter() - t0
+        trajs = result.trajectories
+        sampled = sum(sum(t.loss_mask) for t in trajs)
+        return {"s": seconds, "sampled": sampled, "tokens": sum(len(t.token_ids) for t in trajs),
+                "turns": sum(t.num_turns for t in trajs)}
+
+    for r in range(args.rounds):
+        for w, cfg in chosen.items():
+            cfg_r = dataclasses.replace(cfg, seed=0, task_offset=r * cfg.num_tasks, split="train")
+            order = blocks if r % 2 == 0 else blocks[::-1]
+            for b in order:
+                row = asyncio.run(one(engines[b], cfg_r))
+                rows[w][b].append(row)
+                print(f"round {r + 1} {w:>7} block {b:>3}: {row['s']:.2f} s, {row['sampled']} sampled "
+                      f"of {row['tokens']} tokens, {row['turns']} turns", flush=True)
+    for b in blocks:
+        engines[b].close_sync()
+    out: dict[str, dict] = {"machine": info, "blocks": blocks, "rounds": args.rounds, "works": {}}
+    print("\n| rollout | block | s median (min–max) | vs block " f"{blocks[0]} | sampled / all tokens |\n|---|---|---|---|---|")
+    for w in chosen:
+        base = statistics.median(x["s"] for x in rows[w][blocks[0]])
+        out["works"][w] = {}
+        for b in blocks:
+            xs = [x["s"] for x in rows[w][b]]
+            med = statistics.median(xs)
+            out["works"][w][b] = {"median_s": med, "rounds": rows[w][b]}
+            print(f"| {w} | {b} | {med:.2f} ({min(xs):.2f}–{max(xs):.2f}) | {base / med:.2f}x | "
+                  f"{sum(x['sampled'] for x in rows[w][b])} / {sum(x['tokens'] for x in rows[w][b])} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
