@@ -17,7 +17,10 @@ stop polling within 0.1 s, so they leave the cores to the one at work):
 - **peer**: the peer benchmark's step (``benchmarks/peer_trl.py``): 2 prompts x 8 samples,
   one turn of at most 64 tokens;
 - **default**: the default training config's rollout (``TrainConfig().rollout``: the
-  calculator tool environment, 8 tasks x 4 samples, multi-turn).
+  calculator tool environment, 8 tasks x 4 samples; SmolLM2 calls no tool, so one turn
+  each after a 287-token prompt);
+- **multiturn**: ``benchmarks/rollout.py``'s work: GuessNumber, 16 tasks x 4 samples, 4
+  turns of at most 32 tokens (each turn resends the episode's history).
 
 Each round poses new tasks (as training iterations do) and every engine gets the same ones
 with the same sampling seeds; each starts from an empty prefix cache, as after a weight
@@ -51,7 +54,15 @@ def works() -> dict[str, RolloutConfig]:
         max_in_flight=NUM_PROMPTS * GROUP_SIZE, progress=False,
         agent=AgentConfig(max_turns=1, sampling=SamplingParams(max_tokens=MAX_NEW_TOKENS, temperature=1.0)),
     )
-    return {"peer": peer, "default": dataclasses.replace(TrainConfig().rollout, progress=False)}
+    turns = 4  # benchmarks/rollout.py's multi-turn work
+    multiturn = RolloutConfig(
+        env_id="taurl/GuessNumber-v0", env_kwargs={"max_turns": turns}, num_tasks=16, samples_per_task=4,
+        max_in_flight=64, progress=False,
+        agent=AgentConfig(max_turns=turns, drift_check=False,
+                          sampling=SamplingParams(max_tokens=32, temperature=1.0)),
+    )
+    return {"peer": peer, "default": dataclasses.replace(TrainConfig().rollout, progress=False),
+            "multiturn": multiturn}
 
 
 def main() -> None:
@@ -59,7 +70,8 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--blocks", default="128,32", help="block sizes, comma-separated; the first is the baseline")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--works", default="peer,default", help="which rollouts: peer, default")
+    parser.add_argument("--works", default="peer,default,multiturn",
+                        help="which rollouts: peer, default, multiturn")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
     blocks = [int(b) for b in args.blocks.split(",")]

