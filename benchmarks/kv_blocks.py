@@ -1,7 +1,8 @@
 """Rollout time against the engine's KV-cache block size: which prompt prefixes vLLM shares.
 
     python benchmarks/kv_blocks.py                           # block sizes 128 (vLLM's CPU default) and 32
-    python benchmarks/kv_blocks.py --blocks 128,32,16 --rounds 4 --json out.json
+    python benchmarks/kv_blocks.py --blocks 128,32,64 --rounds 4 --json out.json
+    python benchmarks/kv_blocks.py --config examples/grpo_agent_calculator.yaml   # a config's rollout
 
 vLLM's prefix cache shares whole blocks only: a request reuses the KV of another's prompt
 up to the last full block they have in common (blocks are cached when scheduled, so the
@@ -20,7 +21,10 @@ stop polling within 0.1 s, so they leave the cores to the one at work):
   calculator tool environment, 8 tasks x 4 samples; SmolLM2 calls no tool, so one turn
   each after a 287-token prompt);
 - **multiturn**: ``benchmarks/rollout.py``'s work: GuessNumber, 16 tasks x 4 samples, 4
-  turns of at most 32 tokens (each turn resends the episode's history).
+  turns of at most 32 tokens (each turn resends the episode's history);
+- ``--config FILE``: instead, the rollout of a training config (its model, its engine's
+  options, its agent), e.g. the tool agent's: Qwen2.5-Coder-0.5B, calculator calls over up
+  to 4 turns.
 
 Each round poses new tasks (as training iterations do) and every engine gets the same ones
 with the same sampling seeds; each starts from an empty prefix cache, as after a weight
@@ -42,6 +46,7 @@ from transformers import AutoTokenizer
 
 from taurl.agents.loop import Agent, AgentConfig
 from taurl.agents.vllm_backend import VLLMBackend
+from taurl.config import load_config
 from taurl.models import resolve_model
 from taurl.rollout import RolloutConfig, run_rollout
 from taurl.trainer import TrainConfig
@@ -72,12 +77,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--works", default="peer,default,multiturn",
                         help="which rollouts: peer, default, multiturn")
+    parser.add_argument("--config", help="a training config (YAML) whose rollout, model and engine to measure instead")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
     blocks = [int(b) for b in args.blocks.split(",")]
     chosen = {k: v for k, v in works().items() if k in args.works.split(",")}
+    engine_args: dict[str, object] = {"dtype": "float32"}
+    if args.config:
+        cfg = load_config(TrainConfig, args.config)
+        chosen = {"config": dataclasses.replace(cfg.rollout, progress=False)}
+        args.model, engine_args = cfg.model, dict(cfg.backend.options)
     info = machine()
-    print(f"machine: {info['cpu']}, {info['cpus']} CPUs, AVX512-BF16 "
+    print(f"{args.model}, engine options {engine_args}; machine: {info['cpu']}, {info['cpus']} CPUs, AVX512-BF16 "
           f"{'yes' if info['avx512_bf16'] else 'no'}; vllm {info['vllm']}, torch {info['torch']}; "
           f"load average {info['load_avg_start'][0]:.2f}", flush=True)
     model = resolve_model(args.model)
@@ -85,7 +96,8 @@ def main() -> None:
     engines = {}
     for b in blocks:
         t0 = time.perf_counter()
-        engines[b] = VLLMBackend(model, dtype="float32", engine_options={"block_size": b})
+        options = {**engine_args, "engine_options": {**engine_args.get("engine_options", {}), "block_size": b}}
+        engines[b] = VLLMBackend(model, **options)
         print(f"block {b}: engine up in {time.perf_counter() - t0:.0f} s", flush=True)
     rows: dict[str, dict[int, list[dict]]] = {w: {b: [] for b in blocks} for w in chosen}
 
@@ -110,7 +122,8 @@ def main() -> None:
                       f"of {row['tokens']} tokens, {row['turns']} turns", flush=True)
     for b in blocks:
         engines[b].close_sync()
-    out: dict[str, dict] = {"machine": info, "blocks": blocks, "rounds": args.rounds, "works": {}}
+    out: dict[str, dict] = {"machine": info, "model": args.model, "engine": engine_args, "config": args.config,
+                            "blocks": blocks, "rounds": args.rounds, "works": {}}
     print("\n| rollout | block | s median (min–max) | vs block " f"{blocks[0]} | sampled / all tokens |\n|---|---|---|---|---|")
     for w in chosen:
         base = statistics.median(x["s"] for x in rows[w][blocks[0]])
