@@ -11,6 +11,11 @@ after one warm-up update each, and prints the median and min of each and their r
     python benchmarks/packing.py                    # the peer benchmark's shapes, SmolLM2 float32
     python benchmarks/packing.py --single-turn          # one answer of 1-64 tokens per row, as the peer work
     python benchmarks/packing.py --seq-len 384 --prompt-len 192 --group-size 4 --reps 4
+    python benchmarks/packing.py --single-turn --compare softmax   # the LM head's softmax kept or recomputed
+
+``--compare softmax`` alternates another choice the same way: the LM head's float32 softmax kept
+from forward for backward (the default when it fits ``taurl.learners.model.KEEP_SOFTMAX_BYTES``)
+against its logits recomputed in backward (one vocabulary-sized matmul more), both packed.
 
 The trajectories are ``benchmarks/learner.py``'s (``--ragged``: answers cut at random lengths;
 two turns with a 16-token observation between them), or with ``--single-turn`` one answer per
@@ -65,11 +70,15 @@ def main() -> None:
     p.add_argument("--single-turn", action="store_true",
                    help="one sampled answer per row, 1 to seq-len - prompt-len tokens (the peer "
                         "work's shape) instead of benchmarks/learner.py's two turns")
+    p.add_argument("--compare", default="packing", choices=["packing", "softmax"],
+                   help="packing: packed vs unpacked rows; softmax: the LM head's softmax kept "
+                        "from forward vs recomputed in backward")
     args = p.parse_args()
 
     from learner import make_trajectories
 
     from taurl.learners import Learner, forward
+    from taurl.learners import model as model_mod
     from taurl.models import resolve_model
     from taurl.trainer import TrainConfig
 
@@ -82,10 +91,15 @@ def main() -> None:
     else:
         trajs = make_trajectories(args.batch, args.seq_len, args.group_size,
                                   prompt_len=args.prompt_len, shared_prompt=True, ragged=True)
-    times: dict[str, list[float]] = {"packed": [], "unpacked": []}
+    keep = model_mod.KEEP_SOFTMAX_BYTES
+    first, second = ("packed", "unpacked") if args.compare == "packing" else ("kept", "recomputed")
+    times: dict[str, list[float]] = {first: [], second: []}
     for rep in range(args.reps + 1):  # the first round warms both up
         for name, seconds in times.items():
-            forward.PACK_ROWS["cpu"] = name == "packed"
+            if args.compare == "packing":
+                forward.PACK_ROWS["cpu"] = name == "packed"
+            else:
+                model_mod.KEEP_SOFTMAX_BYTES = keep if name == "kept" else 0
             start = time.perf_counter()
             learner.update(trajs)
             if rep:
@@ -93,15 +107,15 @@ def main() -> None:
         if rep:
             print(f"round {rep}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()),
                   flush=True)
-    forward.PACK_ROWS["cpu"] = True
+    forward.PACK_ROWS["cpu"], model_mod.KEEP_SOFTMAX_BYTES = True, keep
     out = {k: {"median": statistics.median(v), "min": min(v)} for k, v in times.items()}
-    ratio = out["unpacked"]["median"] / out["packed"]["median"]
+    ratio = out[second]["median"] / out[first]["median"]
     tokens = sum(len(t.token_ids) for t in trajs)
     print(json.dumps({"model": args.model, "dtype": args.dtype, "tokens": tokens, **out,
-                      "unpacked_over_packed": ratio}))
-    print(f"packed {out['packed']['median']:.2f} s per update (min {out['packed']['min']:.2f}) vs "
-          f"unpacked {out['unpacked']['median']:.2f} (min {out['unpacked']['min']:.2f}): "
-          f"{ratio:.2f}x faster packed")
+                      f"{second}_over_{first}": ratio}))
+    print(f"{first} {out[first]['median']:.2f} s per update (min {out[first]['min']:.2f}) vs "
+          f"{second} {out[second]['median']:.2f} (min {out[second]['min']:.2f}): "
+          f"{ratio:.2f}x faster {first}")
 
 
 if __name__ == "__main__":

@@ -150,40 +150,54 @@ def _compute_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+#: A :func:`token_logprobs` call whose sampled positions' float32 softmax takes at most this
+#: many bytes keeps it from forward for backward; a larger one recomputes its logits in
+#: backward, one chunk at a time. Keeping saves one vocabulary-sized matmul of four: the peer
+#: benchmark's update (16 answers of SmolLM2, ~600 positions x 49,152 = 0.12 GB) keeps it;
+#: the tool agent's micro-batches (~1,000 positions x 151,936 = 0.6 GB) recompute.
+KEEP_SOFTMAX_BYTES = 256 * 2**20
+
+
 class _ChunkLogprob(torch.autograd.Function):
     """log p(y | h) = (h W^T)[y] - logsumexp(h W^T) for a chunk of positions, and its entropy.
 
-    Saves only ``h``, ``y`` and the ``logsumexp`` (one float per position); backward
-    recomputes the chunk's logits once and forms ``g (onehot(y) - softmax)`` from the
-    saved logsumexp, so no float32 vocabulary-sized tensor outlives its chunk. The
-    entropy is returned for monitoring, without gradient.
+    With ``keep`` false it saves only ``h``, ``y`` and the ``logsumexp`` (one float per
+    position); backward recomputes the chunk's logits once and forms ``g (onehot(y) -
+    softmax)`` from the saved logsumexp, so no float32 vocabulary-sized tensor outlives its
+    chunk. With ``keep`` it saves the chunk's softmax instead of recomputing it (see
+    :data:`KEEP_SOFTMAX_BYTES`). The entropy is returned for monitoring, without gradient.
     """
 
     @staticmethod
-    def forward(ctx, h_N_D, weight_V_D, y_N):
+    def forward(ctx, h_N_D, weight_V_D, y_N, keep: bool):
         dtype = _compute_dtype(h_N_D.device)
         logits = F.linear(h_N_D.to(dtype), weight_V_D.to(dtype)).float()
         lse = torch.logsumexp(logits, -1)
         logp = logits.gather(-1, y_N[:, None]).squeeze(-1) - lse
         logp_all = logits.sub_(lse[:, None])  # in place: the chunk's log-softmax
-        entropy = -(logp_all.exp().mul_(logp_all)).sum(-1)
-        ctx.save_for_backward(h_N_D, weight_V_D, y_N, lse)
+        probs = logp_all.exp()
+        entropy = -(logp_all.mul_(probs)).sum(-1)
+        ctx.save_for_backward(h_N_D, weight_V_D, y_N, lse, probs if keep else None)
         ctx.dtype = dtype
         ctx.mark_non_differentiable(entropy)
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp_N, _grad_entropy):
-        h, weight, y, lse = ctx.saved_tensors
+        h, weight, y, lse, probs = ctx.saved_tensors
         dtype = ctx.dtype
-        logits = F.linear(h.to(dtype), weight.to(dtype)).float()
+        if probs is None:
+            logits = F.linear(h.to(dtype), weight.to(dtype)).float()
+            probs = logits.sub_(lse[:, None]).exp_()
+            grad_logits = probs.mul_(-grad_logp_N[:, None])
+        else:
+            grad_logits = probs.mul(-grad_logp_N[:, None])
         # d logp / d logits = onehot(y) - softmax; scaled by the upstream gradient
-        grad_logits = logits.sub_(lse[:, None]).exp_().mul_(-grad_logp_N[:, None])
         grad_logits.scatter_add_(-1, y[:, None], grad_logp_N[:, None])
         g = grad_logits.to(dtype)
         grad_h = (g @ weight.to(dtype)).to(h.dtype) if ctx.needs_input_grad[0] else None
         grad_w = (g.t() @ h.to(dtype)).to(weight.dtype) if ctx.needs_input_grad[1] else None
-        return grad_h, grad_w, None
+        return grad_h, grad_w, None, None
 
 
 def token_logprobs(
@@ -198,7 +212,8 @@ def token_logprobs(
 
     Only positions with mask 1 go through the vocabulary projection, ``chunk_tokens``
     at a time, and each chunk's float32 logits are recomputed in backward, so at most
-    one chunk × vocabulary of float32 exists at once (never the whole batch's).
+    one chunk × vocabulary of float32 exists at once (never the whole batch's) — unless
+    the whole call's softmax fits :data:`KEEP_SOFTMAX_BYTES`, which is then kept instead.
 
     Args:
         hidden_B_T_D: [B, T, D] last hidden states (position t predicts token t + 1).
@@ -227,11 +242,14 @@ def token_logprobs(
         entropy = lse - (F.softmax(logits, -1) * logits).sum(-1)
         return logp, entropy
 
+    # keep the softmax for backward when all of it is small (nothing to keep without grad)
+    keep = fused and torch.is_grad_enabled() and (
+        h_N_D.shape[0] * lm_head.weight.shape[0] * 4 <= KEEP_SOFTMAX_BYTES)
     logps, ents = [], []
     for start in range(0, h_N_D.shape[0], chunk_tokens):
         h, y = h_N_D[start : start + chunk_tokens], targets_N[start : start + chunk_tokens]
         if fused:
-            lp, ent = _ChunkLogprob.apply(h, lm_head.weight, y)
+            lp, ent = _ChunkLogprob.apply(h, lm_head.weight, y, keep)
         elif torch.is_grad_enabled():
             lp, ent = checkpoint(score, h, y, use_reentrant=False)
         else:

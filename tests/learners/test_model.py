@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from taurl.learners import forward
+from taurl.learners import model as model_mod
 from taurl.learners.config import LoraConfig
 from taurl.learners.forward import length_buckets, scored_lengths, shared_prefixes
 from taurl.learners.model import (
@@ -52,10 +53,14 @@ def test_chunked_logprobs_and_entropy_match_full_softmax(model, chunk: int) -> N
     torch.testing.assert_close(out.entropy_B_T, ref_ent * mask, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("entropy_grad", [False, True])
-def test_chunked_logprob_gradient_matches_full(model, entropy_grad: bool) -> None:
-    # entropy_grad False: the fused log-prob path; True: the checkpointed generic path
-    # with gradient through the entropy too (an entropy bonus).
+@pytest.mark.parametrize(("entropy_grad", "keep_bytes"),
+                         [(False, 0), (False, model_mod.KEEP_SOFTMAX_BYTES), (True, 0)])
+def test_chunked_logprob_gradient_matches_full(model, entropy_grad: bool, keep_bytes: int,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # entropy_grad False: the fused log-prob path, its backward recomputing the logits
+    # (keep_bytes 0) or reusing the softmax kept from forward; True: the checkpointed
+    # generic path with gradient through the entropy too (an entropy bonus).
+    monkeypatch.setattr(model_mod, "KEEP_SOFTMAX_BYTES", keep_bytes)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(100, 1000, (2, 10), generator=g)
     mask = torch.ones(2, 10)
