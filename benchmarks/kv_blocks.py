@@ -18,7 +18,7 @@ stop polling within 0.1 s, so they leave the cores to the one at work):
 - **peer**: the peer benchmark's step (``benchmarks/peer_trl.py``): 2 prompts x 8 samples,
   one turn of at most 64 tokens;
 - **default**: the default training config's rollout (``TrainConfig().rollout``: the
-  calculator tool environment, 8 tasks x 4 samples; SmolLM2 calls no tool, so one turn
+  calculator tool environment, 4 tasks x 8 samples; SmolLM2 calls no tool, so one turn
   each after a 287-token prompt);
 - **multiturn**: ``benchmarks/rollout.py``'s work: GuessNumber, 16 tasks x 4 samples, 4
   turns of at most 32 tokens (each turn resends the episode's history);
@@ -41,32 +41,24 @@ import json
 import statistics
 import time
 
-from peer_trl import ENV_ID, GROUP_SIZE, MAX_NEW_TOKENS, NUM_PROMPTS, machine
+import peer_trl
+import rollout
 from transformers import AutoTokenizer
 
-from taurl.agents.loop import Agent, AgentConfig
+from taurl.agents.loop import Agent
 from taurl.agents.vllm_backend import VLLMBackend
 from taurl.config import load_config
 from taurl.models import resolve_model
 from taurl.rollout import RolloutConfig, run_rollout
 from taurl.trainer import TrainConfig
-from taurl.types import SamplingParams
 
 
 def works() -> dict[str, RolloutConfig]:
-    peer = RolloutConfig(
-        env_id=ENV_ID, num_tasks=NUM_PROMPTS, samples_per_task=GROUP_SIZE,
-        max_in_flight=NUM_PROMPTS * GROUP_SIZE, progress=False,
-        agent=AgentConfig(max_turns=1, sampling=SamplingParams(max_tokens=MAX_NEW_TOKENS, temperature=1.0)),
-    )
-    turns = 4  # benchmarks/rollout.py's multi-turn work
-    multiturn = RolloutConfig(
-        env_id="taurl/GuessNumber-v0", env_kwargs={"max_turns": turns}, num_tasks=16, samples_per_task=4,
-        max_in_flight=64, progress=False,
-        agent=AgentConfig(max_turns=turns, drift_check=False,
-                          sampling=SamplingParams(max_tokens=32, temperature=1.0)),
-    )
-    return {"peer": peer, "default": dataclasses.replace(TrainConfig().rollout, progress=False),
+    # benchmarks/rollout.py's multi-turn work, at its defaults
+    multiturn = rollout.rollout_config(argparse.Namespace(
+        env="taurl/GuessNumber-v0", turns=4, tasks=16, samples=4, in_flight=64, max_tokens=32), seed=0)
+    return {"peer": peer_trl.rollout_config(),
+            "default": dataclasses.replace(TrainConfig().rollout, progress=False),
             "multiturn": multiturn}
 
 
@@ -87,7 +79,7 @@ def main() -> None:
         cfg = load_config(TrainConfig, args.config)
         chosen = {"config": dataclasses.replace(cfg.rollout, progress=False)}
         args.model, engine_args = cfg.model, dict(cfg.backend.options)
-    info = machine()
+    info = peer_trl.machine()
     print(f"{args.model}, engine options {engine_args}; machine: {info['cpu']}, {info['cpus']} CPUs, AVX512-BF16 "
           f"{'yes' if info['avx512_bf16'] else 'no'}; vllm {info['vllm']}, torch {info['torch']}; "
           f"load average {info['load_avg_start'][0]:.2f}", flush=True)

@@ -105,28 +105,33 @@ def tasks_of_run(seed: int, count: int) -> list[Task]:
     return out
 
 
+def rollout_config():
+    """taurl's rollout of the work: one step's prompts and samples, one turn of <= 64 tokens."""
+    from taurl.agents.loop import AgentConfig
+    from taurl.rollout import RolloutConfig
+    from taurl.types import SamplingParams
+
+    return RolloutConfig(
+        env_id=ENV_ID, num_tasks=NUM_PROMPTS, samples_per_task=GROUP_SIZE,
+        max_in_flight=NUM_PROMPTS * GROUP_SIZE, progress=False, max_off_policy_steps=OFF_POLICY,
+        agent=AgentConfig(max_turns=1, sampling=SamplingParams(
+            max_tokens=MAX_NEW_TOKENS, temperature=1.0)),
+    )
+
+
 # -- workers: one process per framework and round ------------------------------------
 
 
 def run_taurl(model: str, seed: int, warmup: int, steps: int) -> dict:
     from taurl.agents.config import BackendConfig
-    from taurl.agents.loop import AgentConfig
-    from taurl.rollout import RolloutConfig
     from taurl.trainer import TrainConfig, train
-    from taurl.types import SamplingParams
 
     with tempfile.TemporaryDirectory() as tmp:
         default = TrainConfig()
         cfg = TrainConfig(
             model=model, run_dir=f"{tmp}/run", iterations=warmup + steps, time_budget_min=0,
             seed=seed, eval_every=0, tensorboard=False,
-            rollout=RolloutConfig(
-                env_id=ENV_ID, num_tasks=NUM_PROMPTS, samples_per_task=GROUP_SIZE,
-                max_in_flight=NUM_PROMPTS * GROUP_SIZE, progress=False,
-                max_off_policy_steps=OFF_POLICY,
-                agent=AgentConfig(max_turns=1, sampling=SamplingParams(
-                    max_tokens=MAX_NEW_TOKENS, temperature=1.0)),
-            ),
+            rollout=rollout_config(),
             learner=dataclasses.replace(default.learner, dtype="float32", lr=LR,
                                         max_grad_norm=MAX_GRAD_NORM),
             backend=BackendConfig(kind="vllm", options={"dtype": "float32"}),
