@@ -13,8 +13,9 @@ embedding, 3e-2 after it; in a GRPO run it grew with every iteration.
 :class:`TaurlWorkerExtension` is passed to vLLM as ``worker_extension_cls``; its
 :meth:`~TaurlWorkerExtension.taurl_reload_weights` reloads and then rebuilds the LM
 head's kernel from its current weight (on GPU there is none to rebuild, and the call is
-``reload_weights``); the input embedding's kernel, which no lookup uses, is not built at all. vLLM is imported only inside the
-worker's call, so the backends can import this module's names for free.
+``reload_weights``); the input embedding's kernel, which no lookup uses, is not built at
+all. vLLM is imported only inside the worker's call, so the backends can import this
+module's names for free.
 
 New weights reach the workers in memory: the trainer writes the state dict once into a
 :class:`SharedWeights` file in ``/dev/shm`` (a RAM file, reused from sync to sync) and
