@@ -12,7 +12,10 @@ checkpointing.
   learner's update, the weight sync into vLLM, checkpoints within 5% of the run's time), with
   the evaluation off. A step is one iteration's wall-clock time: rollout + update + sync (+
   a checkpoint when one is due); with ``off_policy=1`` (``rollout.max_off_policy_steps``)
-  the next batch's rollout overlaps the update.
+  the next batch's rollout overlaps the update. By default (``learner.skip_zero_grad_rows``) its
+  update does not run the rows whose gradient is exactly 0: a group whose 8 samples all scored
+  alike has advantage 0 on every token (here, with kl 0 and no entropy term, the whole loss of
+  the row); the update is the same. ``skip_zero_grad=0`` runs every row, as TRL does.
 - TRL: ``GRPOTrainer`` with ``use_cpu=True, bf16=False``: it samples with transformers'
   ``generate`` on the policy itself (no sync needed). A step is one optimizer step:
   generation + scoring + forward/backward + AdamW.
@@ -35,6 +38,7 @@ Needs the ``peer`` extra (``pip install -e '.[peer]'``: TRL, pinned to the versi
     python benchmarks/peer_trl.py                       # 4 measured steps each, 2 rounds
     python benchmarks/peer_trl.py steps=3 rounds=3 out=docs/results/peer-trl.json
     python benchmarks/peer_trl.py off_policy=1          # taurl with asynchronous rollout
+    python benchmarks/peer_trl.py skip_zero_grad=0      # taurl's update runs every row, as TRL's
 """
 
 from __future__ import annotations
@@ -64,9 +68,11 @@ LOW, HIGH = 10, 99
 NUM_PROMPTS, GROUP_SIZE, MAX_NEW_TOKENS = 2, 8, 64
 LR, MAX_GRAD_NORM, CLIP_EPS = 5e-6, 1.0, 0.2
 DEFAULTS = {"steps": 4, "rounds": 2, "warmup": 1, "model": "smollm2-135m", "out": "", "logs": "",
-            "off_policy": 0}
+            "off_policy": 0, "skip_zero_grad": 1}
 #: taurl's rollout.max_off_policy_steps (option off_policy=k; 0 = synchronous, 1 = async)
 OFF_POLICY = 0
+#: taurl's learner.skip_zero_grad_rows (option skip_zero_grad=0|1; 1, taurl's default)
+SKIP_ZERO_GRAD = True
 
 
 def reward(text: str, answer: int) -> float:
@@ -133,7 +139,8 @@ def run_taurl(model: str, seed: int, warmup: int, steps: int) -> dict:
             seed=seed, eval_every=0, tensorboard=False,
             rollout=rollout_config(),
             learner=dataclasses.replace(default.learner, dtype="float32", lr=LR,
-                                        max_grad_norm=MAX_GRAD_NORM),
+                                        max_grad_norm=MAX_GRAD_NORM,
+                                        skip_zero_grad_rows=SKIP_ZERO_GRAD),
             backend=BackendConfig(kind="vllm", options={"dtype": "float32"}),
         )
         o = cfg.learner.resolved_options()
@@ -149,6 +156,7 @@ def run_taurl(model: str, seed: int, warmup: int, steps: int) -> dict:
         # the iteration's wall-clock time: with async rollout the phases overlap
         step_s = r.get("timing/iteration_s", sum(comp.values()))
         out.append({"step_s": step_s, **comp, "success": r.get("rollout/success"),
+                    "zero_grad_frac": r.get("traj/zero_grad_frac", 0.0),
                     "new_tokens": r.get("rollout/sampled_tokens"),
                     "prompt_tokens": r.get("rollout/episode_tokens", 0.0) - r.get("rollout/sampled_tokens", 0.0)})
     return {"steps": out}
@@ -263,7 +271,8 @@ def run_worker(kind: str, model: str, seed: int, warmup: int, steps: int, log: P
     """Run one framework in a fresh process; its output goes to ``log``."""
     result = log.with_suffix(".json")
     cmd = [sys.executable, __file__, f"worker={kind}", f"model={model}", f"seed={seed}",
-           f"warmup={warmup}", f"steps={steps}", f"result={result}", f"off_policy={OFF_POLICY}"]
+           f"warmup={warmup}", f"steps={steps}", f"result={result}", f"off_policy={OFF_POLICY}",
+           f"skip_zero_grad={int(SKIP_ZERO_GRAD)}"]
     with open(log, "w") as f:
         proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=False)
     if proc.returncode != 0 or not result.exists():
@@ -316,7 +325,8 @@ def main(opts: dict) -> None:
     print("\n| framework | s/step median | min–max | components (median s) | sampled success "
           "| new tokens/sample |\n|---|---|---|---|---|---|")
     for kind, label in (("trl", f"TRL {info['trl']} GRPOTrainer (HF generate)"),
-                        ("taurl", f"taurl (vLLM, max_off_policy_steps={OFF_POLICY})")):
+                        ("taurl", f"taurl (vLLM, max_off_policy_steps={OFF_POLICY}, "
+                                  + f"skip_zero_grad_rows={SKIP_ZERO_GRAD})")):
         s, rows = stats[kind], results[kind]
         comp = ", ".join(f"{p} {statistics.median(row[p] for row in rows):.2f}" for p in parts[kind])
         succ = [row["success"] for row in rows if row.get("success") is not None]
@@ -329,7 +339,11 @@ def main(opts: dict) -> None:
                for k, v in results.items()}
     ratio = stats["trl"]["median"] / stats["taurl"]["median"]
     ratio_no_ckpt = no_ckpt["trl"] / no_ckpt["taurl"]
-    print(f"\nTRL / taurl seconds per step (medians): {ratio:.2f}x "
+    skipped = [row.get("zero_grad_frac", 0.0) for row in results["taurl"]]
+    print(f"\ntaurl skipped {100 * statistics.mean(skipped):.0f}% of the sampled tokens in its updates "
+          "(rows of groups whose samples all scored alike: advantage 0, gradient exactly 0; TRL "
+          "runs them)")
+    print(f"TRL / taurl seconds per step (medians): {ratio:.2f}x "
           f"({ratio_no_ckpt:.2f}x with neither's checkpoints counted: TRL {no_ckpt['trl']:.1f} s, "
           f"taurl {no_ckpt['taurl']:.1f} s)")
     if opts["out"]:
@@ -358,6 +372,7 @@ def parse(argv: list[str]) -> dict:
 if __name__ == "__main__":
     opts = parse(sys.argv[1:])
     OFF_POLICY = int(opts["off_policy"])
+    SKIP_ZERO_GRAD = bool(int(opts["skip_zero_grad"]))
     if "worker" in opts:
         kind = opts["worker"]
         res = WORKERS[kind](opts["model"], int(opts["seed"]), int(opts["warmup"]), int(opts["steps"]))

@@ -51,6 +51,10 @@ class LearnerConfig:
     micro_batch_tokens: int = 8192  # padded tokens per forward/backward; more are accumulated
     logprob_chunk_tokens: int = 1024  # sampled tokens per chunk of the vocabulary log-softmax
     share_prefix: bool = True  # run a prompt several rows share once (KV cache), not per row
+    # skip the forward/backward of rows whose loss gradient is exactly 0: every advantage 0
+    # (a GRPO group whose samples all scored the same) and no entropy, KL-in-loss or value
+    # term; the same update, less work (traj/* metrics then cover the rows that ran)
+    skip_zero_grad_rows: bool = True
     dtype: Literal["auto", "bf16", "float32"] = "auto"  # auto: bf16 on CUDA / native-bf16 CPUs
     device: str = "auto"  # auto: cuda when a GPU is present, else cpu; or a torch device
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory

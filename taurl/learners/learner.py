@@ -244,7 +244,18 @@ class Learner:
         """Backward the minibatch's loss, micro-batch by micro-batch, normalised globally."""
         o, cfg = self.options, self.config
         denom = Denominators.of(batch, rows, o.loss_norm_len, targets.value_mask_B_T)
-        micros = self.micro_batches(rows, lengths, lockstep=True,
+        run = self._rows_with_gradient(batch, rows, targets)
+        if len(run) < len(rows):
+            kept = batch.mask_B_T[batch.rows(run)].sum() if run else 0.0
+            acc.add({"traj/zero_grad_frac": torch.as_tensor(1.0 - kept / max(denom.num_tokens, 1))},
+                    1.0, True)
+        if not run:
+            # the whole minibatch's gradient is 0: AdamW still steps with it (moments, decay)
+            for p in (p for g in self.optimizer.param_groups for p in g["params"]):
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            return
+        micros = self.micro_batches(run, lengths, lockstep=True,
                                     groups=batch.group_ids_B.tolist())
         for i, (micro, real) in enumerate(micros):
             idx, W = batch.rows(micro), batch.width(micro)
@@ -261,6 +272,25 @@ class Learner:
                 (loss * scale if scale != 1.0 else loss).backward()
             m["traj/entropy"] = L.masked_mean(entropy.detach(), mask)
             acc.add(m, float(mask.sum().item()) if real else 0.0, real)
+
+    def _rows_with_gradient(self, batch: Batch, rows: list[int],
+                            targets: R.UpdateTargets) -> list[int]:
+        """``rows`` less those whose loss adds exactly 0 to the gradient (``skip_zero_grad_rows``).
+
+        A row qualifies when the advantage of every sampled token is 0 (a GRPO group whose
+        samples all scored the same) and the loss has no term without the advantage: a
+        policy loss of :data:`~taurl.learners.losses.ZERO_AT_ZERO_ADVANTAGE`, no entropy
+        bonus, no KL penalty in the loss, no value loss. The loss's normalisers stay the
+        whole minibatch's, so the update is the one every row would give.
+        """
+        o = self.options
+        if (not self.config.skip_zero_grad_rows or o.policy_loss not in L.ZERO_AT_ZERO_ADVANTAGE
+                or o.entropy_coef > 0 or (o.kl_coef > 0 and o.kl_in == "loss")
+                or targets.returns_B_T is not None):
+            return rows
+        idx = batch.rows(rows)
+        live = ((targets.advantages_B_T[idx] != 0) & (batch.mask_B_T[idx] > 0)).any(1).tolist()
+        return [r for r, keep in zip(rows, live, strict=True) if keep]
 
     def _micro_loss(
         self, batch: Batch, idx: torch.Tensor, W: int,

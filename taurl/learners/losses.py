@@ -129,6 +129,11 @@ POLICY_LOSSES: dict[str, PolicyLoss] = {
     "ppo_clip": ppo_clip_loss,
     "reinforce": reinforce_loss,
 }
+#: Policy losses that are A times a function of the log-probs, so a token with advantage 0
+#: adds exactly 0 to the loss and to its gradient (the learner may skip such rows:
+#: ``learner.skip_zero_grad_rows``). A loss registered in :data:`POLICY_LOSSES` is not
+#: assumed to be one.
+ZERO_AT_ZERO_ADVANTAGE: frozenset[str] = frozenset({"ppo_clip", "reinforce"})
 
 
 def get_policy_loss(name: str) -> PolicyLoss:

@@ -271,6 +271,47 @@ def test_dapo_filters_zero_variance_groups(tiny_model: Path) -> None:
     assert metrics["perf/optimizer_steps"] == 0 and learner.policy_version == 1
 
 
+@pytest.mark.parametrize("rewards", [[[1.0], [1.0], [0.0], [1.0]], [[1.0], [1.0], [0.0], [0.0]]],
+                         ids=["one-group-zero", "all-zero"])
+def test_rows_without_gradient_are_skipped_with_the_same_update(tiny_model: Path,
+                                                                rewards) -> None:
+    # group 0 scored alike (advantage 0 everywhere): its rows add nothing to the gradient
+    trajs = toy_trajectories(tiny_model, groups=2, per_group=2, turns=1, rewards=rewards)
+    after, metrics, grads = {}, {}, {}
+    for skip in (False, True):
+        # weight decay: an all-zero gradient still moves the weights (AdamW steps with it)
+        cfg = LearnerConfig(algorithm="grpo", options=AlgorithmOptions(kl_coef=0.0), lr=1e-3,
+                            weight_decay=0.1, dtype="float32", device="cpu",
+                            skip_zero_grad_rows=skip)
+        learner = Learner(cfg, tiny_model)
+        grads[skip] = gradients(learner, trajs)  # AdamW would hide a wrong scale
+        before = snapshot(learner)
+        metrics[skip] = learner.update(trajs) | learner.update(trajs)  # moments carried
+        after[skip] = snapshot(learner)
+        assert learner.policy_version == 2
+    assert "traj/zero_grad_frac" not in metrics[False]
+    zero_tokens = sum(sum(t.loss_mask) for t in trajs[:2]) if rewards[2] != rewards[3] else \
+        sum(sum(t.loss_mask) for t in trajs)
+    expected = zero_tokens / sum(sum(t.loss_mask) for t in trajs)
+    assert metrics[True]["traj/zero_grad_frac"] == pytest.approx(expected)
+    assert any(not torch.equal(before[k], after[True][k]) for k in before)
+    assert grads[True].keys() == grads[False].keys()
+    for k, g in grads[False].items():
+        torch.testing.assert_close(grads[True][k], g, atol=1e-7, rtol=1e-5, msg=k)
+    for k, v in after[False].items():
+        torch.testing.assert_close(after[True][k], v, atol=1e-6, rtol=1e-5, msg=k)
+
+
+def test_rows_are_not_skipped_when_the_loss_has_a_term_without_the_advantage(
+        tiny_model: Path) -> None:
+    trajs = toy_trajectories(tiny_model, groups=1, per_group=2, turns=1, rewards=[[1.0], [1.0]])
+    for opts in (AlgorithmOptions(kl_coef=0.0, entropy_coef=0.01),
+                 AlgorithmOptions(kl_coef=0.1, kl_in="loss")):
+        learner = Learner(LearnerConfig(algorithm="grpo", options=opts, device="cpu"), tiny_model)
+        metrics = learner.update(trajs)
+        assert "traj/zero_grad_frac" not in metrics and "traj/entropy" in metrics, opts
+
+
 def test_config_errors_say_how_to_fix() -> None:
     with pytest.raises(ConfigError, match="valid: reinforce, ppo"):
         LearnerConfig(algorithm="gpro")
