@@ -30,7 +30,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         overrides = [f"run_dir={tmp}/run", "iterations=3", "eval_every=3", "tensorboard=false",
                      "time_budget_min=0", "rollout.progress=false", *sys.argv[1:]]
-        cfg = load_config(TrainConfig, None, overrides)
+        cfg = load_config(TrainConfig, None, overrides, base=TrainConfig())  # the default run, changed
         run = train(cfg)
         rows = [json.loads(x) for x in (Path(run) / "metrics.jsonl").read_text().splitlines()]
     print(f"model {cfg.model}, {cfg.rollout.num_tasks}x{cfg.rollout.samples_per_task} episodes "

@@ -16,6 +16,7 @@ from taurl.errors import TaurlError
 if TYPE_CHECKING:
     from taurl.rollout.commands import EvalCommand, RolloutCommand
     from taurl.rollout.failures import EnvFailures
+    from taurl.train_config import TrainConfig
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -138,13 +139,28 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     )
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """The :class:`TrainConfig` that parsed ``taurl train`` arguments ask for (not ``--resume``).
+
+    With a YAML file, the file is the config (a section it names takes its class's defaults
+    for what it leaves out: ``learner: {algorithm: ppo}`` is the PPO preset) and the
+    overrides change it. Without one, the overrides change the default run key by key:
+    ``taurl train learner.lr=1e-5`` keeps ``TrainConfig()``'s other learner settings
+    (``micro_batch_tokens`` 2048, ``kl_coef`` 0), not ``LearnerConfig``'s.
+    """
     from taurl.config import load_config
-    from taurl.learners.distributed import is_main
-    from taurl.trainer import TrainConfig, load_run_config, train
+    from taurl.train_config import TrainConfig
 
     if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
         args.overrides, args.config = [args.config, *args.overrides], None
+    base = None if args.config else TrainConfig()
+    return load_config(TrainConfig, args.config, args.overrides, base=base)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from taurl.learners.distributed import is_main
+    from taurl.trainer import load_run_config, train
+
     if args.resume:
         if args.config or args.overrides:
             raise TaurlError(
@@ -153,7 +169,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             )
         cfg = load_run_config(args.resume)
     else:
-        cfg = load_config(TrainConfig, args.config, args.overrides)
+        cfg = train_config(args)
     run_dir = train(cfg, resume=bool(args.resume))
     if is_main():  # under torchrun, rank 0 speaks for the run
         print(f"run finished: {run_dir} (metrics.jsonl, samples.md, checkpoints/latest)")

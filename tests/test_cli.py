@@ -59,6 +59,26 @@ def test_eval_flags_keep_the_config_files_agent_settings(tmp_path: Path) -> None
     assert sampled.eval.agent.sampling.temperature == 0.7 and sampled.eval.samples == 4
 
 
+def test_train_overrides_change_the_default_run_key_by_key(tmp_path: Path) -> None:
+    from taurl.cli import train_config
+    from taurl.train_config import TrainConfig
+
+    # no file: the default run with these keys changed, not sections rebuilt from their
+    # classes' defaults (which gave 8 x 4 episodes, 8 turns and a KL penalty)
+    cfg = train_config(build_parser().parse_args(
+        ["train", "rollout.progress=false", "learner.lr=1e-5"]))
+    default = TrainConfig()
+    assert not cfg.rollout.progress and cfg.learner.lr == 1e-5
+    assert replace(cfg.rollout, progress=True) == default.rollout
+    assert replace(cfg.learner, lr=default.learner.lr) == default.learner
+    # a file is the config: a learner section it names is its preset's (here PPO's KL)
+    p = tmp_path / "c.yaml"
+    p.write_text("learner:\n  algorithm: ppo\n")
+    cfg = train_config(build_parser().parse_args(["train", str(p), "learner.lr=1e-5"]))
+    assert cfg.learner.options.kl_coef is None and cfg.learner.resolved_options().kl_coef > 0
+    assert cfg.learner.lr == 1e-5
+
+
 def test_eval_labels_name_checkpoints_by_run_and_iteration() -> None:
     from taurl.rollout.commands import _label
 
