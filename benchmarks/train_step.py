@@ -3,7 +3,8 @@
 Runs the default config (GRPO, calculator, SmolLM2-135M through vLLM) for a few
 iterations in a temporary run directory and reports, per iteration, each phase's
 seconds, the iteration's wall-clock time, the weight sync's share of it and the
-time the learner waited for episodes. With ``rollout.max_off_policy_steps=1`` the
+time the learner waited for episodes, and the share of sampled tokens whose rows the update
+skipped (no gradient: ``learner.skip_zero_grad_rows``). With ``rollout.max_off_policy_steps=1`` the
 rollout overlaps the update, so the phases add up to more than the wall-clock time.
 The summary line gives iterations per hour over the iterations after the first
 (which pays the engine's and the learner's first-step costs).
@@ -37,7 +38,7 @@ def main() -> None:
           f"per iteration, algorithm {cfg.learner.algorithm}")
     print(f"rollout.max_off_policy_steps={cfg.rollout.max_off_policy_steps}")
     print("iter  " + "  ".join(f"{p[:-2]:>10}" for p in PHASES)
-          + "    wall  sync%  waited")
+          + "    wall  sync%  waited  no-grad")
     sync_shares = []
     for r in rows:
         t = {p: r.get(f"timing/{p}", 0.0) for p in PHASES}
@@ -45,7 +46,8 @@ def main() -> None:
         sync_shares.append(t["sync_s"] / wall)
         print(f"{r['iteration']:>4}  " + "  ".join(f"{t[p]:>9.2f}s" for p in PHASES)
               + f"  {wall:6.1f}s  {100 * sync_shares[-1]:4.1f}  "
-              + f"{r.get('timing/rollout_wait_s', 0.0):5.1f}s")
+              + f"{r.get('timing/rollout_wait_s', 0.0):5.1f}s  "
+              + f"{100 * r.get('traj/zero_grad_frac', 0.0):6.0f}%")
     steady = rows[1:] or rows
     per_hour = 3600 * len(steady) / sum(r["timing/iteration_s"] for r in steady)
     print(f"mean weight-sync share {100 * sum(sync_shares) / len(rows):.1f}% (target <= 2%); "
