@@ -245,7 +245,9 @@ class Learner:
         o, cfg = self.options, self.config
         denom = Denominators.of(batch, rows, o.loss_norm_len, targets.value_mask_B_T)
         run = self._rows_with_gradient(batch, rows, targets)
-        if len(run) < len(rows):
+        if run is None:
+            run = rows
+        else:  # every minibatch reports it, so that its mean is over them all
             kept = batch.mask_B_T[batch.rows(run)].sum() if run else 0.0
             acc.add({"traj/zero_grad_frac": torch.as_tensor(1.0 - kept / max(denom.num_tokens, 1))},
                     1.0, True)
@@ -274,8 +276,9 @@ class Learner:
             acc.add(m, float(mask.sum().item()) if real else 0.0, real)
 
     def _rows_with_gradient(self, batch: Batch, rows: list[int],
-                            targets: R.UpdateTargets) -> list[int]:
-        """``rows`` less those whose loss adds exactly 0 to the gradient (``skip_zero_grad_rows``).
+                            targets: R.UpdateTargets) -> list[int] | None:
+        """``rows`` less those whose loss adds exactly 0 to the gradient (``skip_zero_grad_rows``),
+        or None when no row can be skipped (off, or a loss term without the advantage).
 
         A row qualifies when the advantage of every sampled token is 0 (a GRPO group whose
         samples all scored the same) and the loss has no term without the advantage: a
@@ -287,7 +290,7 @@ class Learner:
         if (not self.config.skip_zero_grad_rows or o.policy_loss not in L.ZERO_AT_ZERO_ADVANTAGE
                 or o.entropy_coef > 0 or (o.kl_coef > 0 and o.kl_in == "loss")
                 or targets.returns_B_T is not None):
-            return rows
+            return None
         idx = batch.rows(rows)
         live = ((targets.advantages_B_T[idx] != 0) & (batch.mask_B_T[idx] > 0)).any(1).tolist()
         return [r for r, keep in zip(rows, live, strict=True) if keep]
