@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from taurl import __version__
@@ -67,7 +68,10 @@ def rollout_command(args: argparse.Namespace) -> RolloutCommand:
         ],
         args.overrides,
     )
-    return load_config(RolloutCommand, args.config, overrides)
+    from taurl.run_dir import newest_policy
+
+    cmd = load_config(RolloutCommand, args.config, overrides)
+    return replace(cmd, model=newest_policy(cmd.model))
 
 
 def _report_failures(failures: list[tuple[str, EnvFailures]]) -> int:
@@ -123,7 +127,11 @@ def eval_command(args: argparse.Namespace) -> EvalCommand:
         ],
         args.overrides,
     )
-    return load_config(EvalCommand, args.config, overrides, base=EvalCommand())
+    from taurl.run_dir import newest_policy
+
+    cmd = load_config(EvalCommand, args.config, overrides, base=EvalCommand())
+    return replace(cmd, model=newest_policy(cmd.model),
+                   compare=newest_policy(cmd.compare) if cmd.compare else None)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -153,8 +161,11 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
 
     if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
         args.overrides, args.config = [args.config, *args.overrides], None
+    from taurl.run_dir import newest_policy
+
     base = None if args.config else TrainConfig()
-    return load_config(TrainConfig, args.config, args.overrides, base=base)
+    cfg = load_config(TrainConfig, args.config, args.overrides, base=base)
+    return replace(cfg, model=newest_policy(cfg.model))  # e.g. on from a run's newest policy
 
 
 def _cmd_train(args: argparse.Namespace) -> int:

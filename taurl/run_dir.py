@@ -44,6 +44,28 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 
 
+def newest_policy(model: str) -> str:
+    """``model`` with a training run's ``checkpoints/latest`` pointer followed.
+
+    A run directory, ``RUN/checkpoints/latest`` or ``RUN/checkpoints/latest/policy`` becomes
+    ``RUN/checkpoints/iter-N/policy``, its newest complete checkpoint's policy (``latest``
+    is a file naming it, not a folder); anything else is returned as it is. Raises
+    ConfigError when such a run has no complete checkpoint.
+    """
+    path = Path(model).expanduser()
+    if path.name == "policy" and path.parent.name == LATEST:
+        path = path.parent
+    if path.name == LATEST and path.parent.name == CHECKPOINTS:
+        path = path.parent.parent
+    elif not (path / CHECKPOINTS / LATEST).is_file():
+        return model
+    ckpt = RunDir(path).latest_checkpoint()
+    if ckpt is None:
+        raise ConfigError(f"model {model!r}: the run {str(path)!r} has no complete checkpoint "
+                          f"({CHECKPOINTS}/{LATEST} names none); train it, or pass a policy folder")
+    return str(ckpt / "policy")
+
+
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text, encoding="utf-8")

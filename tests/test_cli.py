@@ -11,6 +11,7 @@ import pytest
 
 from taurl import __version__
 from taurl.cli import build_parser, eval_command, main
+from taurl.errors import TaurlError
 from taurl.rollout.eval import EvalConfig
 from taurl.types import SamplingParams
 
@@ -77,6 +78,28 @@ def test_train_overrides_change_the_default_run_key_by_key(tmp_path: Path) -> No
     cfg = train_config(build_parser().parse_args(["train", str(p), "learner.lr=1e-5"]))
     assert cfg.learner.options.kl_coef is None and cfg.learner.resolved_options().kl_coef > 0
     assert cfg.learner.lr == 1e-5
+
+
+def test_a_run_or_its_latest_pointer_names_the_newest_checkpoints_policy(tmp_path: Path) -> None:
+    from taurl.cli import rollout_command, train_config
+
+    ckpts = tmp_path / "run" / "checkpoints"
+    for it in (2, 5):
+        (ckpts / f"iter-00000{it}" / "policy").mkdir(parents=True)
+        (ckpts / f"iter-00000{it}" / "trainer.json").write_text("{}")
+    (ckpts / "latest").write_text("iter-000005")  # a file naming it, as the trainer writes
+    newest = str(ckpts / "iter-000005" / "policy")
+    cmd = eval_command(build_parser().parse_args(
+        ["eval", "--model", str(tmp_path / "run"), "--compare", str(ckpts / "latest/policy")]))
+    assert cmd.model == cmd.compare == newest
+    assert rollout_command(build_parser().parse_args(
+        ["rollout", "--model", str(ckpts / "latest")])).model == newest
+    assert train_config(build_parser().parse_args(["train", f"model={tmp_path}/run"])).model == newest
+    other = str(ckpts / "iter-000002" / "policy")  # any other path stays as it is
+    assert eval_command(build_parser().parse_args(["eval", "--model", other])).model == other
+    (ckpts / "latest").write_text("iter-000009")  # names no complete checkpoint
+    with pytest.raises(TaurlError, match="has no complete checkpoint"):
+        eval_command(build_parser().parse_args(["eval", "--model", str(tmp_path / "run")]))
 
 
 def test_eval_labels_name_checkpoints_by_run_and_iteration() -> None:
