@@ -32,10 +32,11 @@ from taurl.types import Trajectory
 WORLD = 2
 
 
-def batch(rows: int, seed: int = 0, group: int = 4) -> list[Trajectory]:
+def batch(rows: int, seed: int = 0, group: int = 4, alike: int = 0) -> list[Trajectory]:
     """``rows`` two-turn trajectories of random tokens and lengths, in groups of ``group``.
 
-    Returns vary within every group (so GRPO has a gradient); the sampler log-probs are
+    Returns vary within every group (so GRPO has a gradient) but the first ``alike``
+    groups, whose rows all score 0.5 (advantage 0: no gradient); the sampler log-probs are
     arbitrary negative numbers (the importance weights are capped anyway).
     """
     rng = random.Random(seed)
@@ -51,7 +52,7 @@ def batch(rows: int, seed: int = 0, group: int = 4) -> list[Trajectory]:
                 ids += [7, 8, 9]
                 mask += [0] * 3
                 turns += [0] * 3
-        reward = [0.0, float(b % 3) / 2]
+        reward = [0.0, 0.5 if b < alike * group else float(b % 3) / 2]
         out.append(Trajectory(
             token_ids=ids, loss_mask=mask, turn_ids=turns, rewards=reward,
             logprobs=[-rng.uniform(0.5, 3.0) if m else 0.0 for m in mask],
@@ -79,9 +80,17 @@ CASES: dict[str, tuple[dict[str, object], int, int]] = {
     "fsdp2-ppo-head": ({"algorithm": "ppo", "parallel": "fsdp2",
                         "options": {"epochs": 1, "minibatches": 2}}, 6, 1),
     "fsdp2-grpo-resume": ({"algorithm": "grpo", "parallel": "fsdp2"}, 8, 2),
+    # no KL term: the rows of a group that scored alike are skipped (skip_zero_grad_rows)
+    "grpo-skip": ({"algorithm": "grpo", "micro_batch_tokens": 60, "options": {"kl_coef": 0.0}},
+                  8, 1),
+    # a second update whose rows are all skipped: AdamW steps on zero (sharded) gradients
+    "fsdp2-grpo-skip-all": ({"algorithm": "grpo", "parallel": "fsdp2",
+                             "options": {"kl_coef": 0.0}}, 8, 2),
 }
+#: name -> how many groups score alike in the case's first and second batch (default none)
+ALIKE = {"grpo-skip": (1, 0), "fsdp2-grpo-skip-all": (0, 2)}
 METRICS = ("traj/policy_loss", "traj/entropy", "traj/kl_ref", "traj/clip_frac",
-           "traj/grad_norm", "reward/mean", "adv/mean")
+           "traj/grad_norm", "reward/mean", "adv/mean", "traj/zero_grad_frac")
 
 
 def learner_config(kwargs: dict[str, object]) -> LearnerConfig:
@@ -95,7 +104,8 @@ def run_case(name: str, model: Path, ckpt: Path) -> tuple[dict[str, torch.Tensor
     """One case's updates; on rank 0 (or alone) the final weights and last metrics."""
     kwargs, rows, updates = CASES[name]
     cfg = learner_config(kwargs)
-    trajs = batch(rows, seed=len(name))
+    alike = ALIKE.get(name, (0, 0))
+    trajs = batch(rows, seed=len(name), alike=alike[0])
     torch.manual_seed(0)  # LoRA's random initialisation
     learner = Learner(cfg, model)
     metrics = learner.update(trajs)
@@ -103,7 +113,7 @@ def run_case(name: str, model: Path, ckpt: Path) -> tuple[dict[str, torch.Tensor
         learner.save(ckpt / name)
         learner = Learner(cfg, model)
         learner.load(ckpt / name)
-        metrics = learner.update(batch(rows, seed=len(name) + 1))
+        metrics = learner.update(batch(rows, seed=len(name) + 1, alike=alike[1]))
     return learner.state_dict_for_sync(), metrics
 
 
@@ -166,6 +176,8 @@ def check_same_as_one_process(name: str, results: dict, model: Path, tmp_path: P
         if key in metrics:
             assert dist_metrics[key] == pytest.approx(metrics[key], rel=1e-4, abs=1e-6), key
     assert dist_metrics.keys() == metrics.keys()
+    if name in ALIKE:  # rows were skipped in the update the metrics come from
+        assert dist_metrics["traj/zero_grad_frac"] > 0
 
 
 @pytest.mark.slow
