@@ -51,6 +51,7 @@ def rollout_command(args: argparse.Namespace) -> RolloutCommand:
     """The :class:`RolloutCommand` that parsed ``taurl rollout`` arguments ask for."""
     from taurl.config import load_config
     from taurl.rollout.commands import RolloutCommand
+    from taurl.run_dir import newest_policy
 
     overrides = _overrides(
         [
@@ -68,8 +69,6 @@ def rollout_command(args: argparse.Namespace) -> RolloutCommand:
         ],
         args.overrides,
     )
-    from taurl.run_dir import newest_policy
-
     cmd = load_config(RolloutCommand, args.config, overrides)
     return replace(cmd, model=newest_policy(cmd.model))
 
@@ -110,6 +109,7 @@ def eval_command(args: argparse.Namespace) -> EvalCommand:
     """
     from taurl.config import load_config
     from taurl.rollout.commands import EvalCommand
+    from taurl.run_dir import newest_policy
 
     overrides = _overrides(
         [
@@ -127,8 +127,6 @@ def eval_command(args: argparse.Namespace) -> EvalCommand:
         ],
         args.overrides,
     )
-    from taurl.run_dir import newest_policy
-
     cmd = load_config(EvalCommand, args.config, overrides, base=EvalCommand())
     return replace(cmd, model=newest_policy(cmd.model),
                    compare=newest_policy(cmd.compare) if cmd.compare else None)
@@ -157,12 +155,11 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     (``micro_batch_tokens`` 2048, ``kl_coef`` 0), not ``LearnerConfig``'s.
     """
     from taurl.config import load_config
+    from taurl.run_dir import newest_policy
     from taurl.train_config import TrainConfig
 
     if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
         args.overrides, args.config = [args.config, *args.overrides], None
-    from taurl.run_dir import newest_policy
-
     base = None if args.config else TrainConfig()
     cfg = load_config(TrainConfig, args.config, args.overrides, base=base)
     return replace(cfg, model=newest_policy(cfg.model))  # e.g. on from a run's newest policy
